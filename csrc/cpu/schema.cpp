@@ -1,0 +1,24 @@
+// The one and only definition of the infopt:: op schemas.
+//
+// Every backend library (CPU here, CUDA in csrc/cuda/) only adds TORCH_LIBRARY_IMPL blocks, so the
+// schemas cannot drift between backends. Fake (meta) impls live in infopt/ops/library.py.
+// To add an op: one m.def(...) line here, a CPU impl in its own .cpp, a fake in library.py.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(infopt, m) {
+  // y = weight * to(x.dtype)(x * rsqrt(mean(x^2, -1) + eps)), fp32 math; y has x's shape/dtype.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // Quantized linears (semantics and packed int4 layout: infopt/ops/quant_ref.py). x [..., K]
+  // float32/bfloat16/float16 -> [..., N] in x.dtype, fp32 (or exact int32) accumulation.
+  //   int8 weight-only: qweight int8 [N, K], scale [N] (per output channel).
+  m.def(
+      "int8_weight_only_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  //   int4 weight-only: qweight uint8 [N, ceil(K/2)] (low nibble = even k), scale [N, G] float,
+  //   zero [N, G] uint8, G = ceil(K / group_size).
+  m.def(
+      "int4_weight_only_linear(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size,"
+      " Tensor? bias) -> Tensor");
+  //   w8a8: dynamic per-token symmetric int8 activations x int8 weights, exact int32 accumulation.
+  m.def("int8_dynamic_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+}

@@ -1,0 +1,41 @@
+"""The kernel layer: inference ops with a pure-torch reference and selectable backends.
+
+    >>> from infopt import ops
+    >>> y = ops.rms_norm(x, weight, 1e-6)                  # backend chosen per call (AUTO)
+    >>> y = ops.rms_norm(x, weight, backend="reference")   # per-call override
+    >>> with ops.use_backend("triton"): ...                # process-wide default, restored on exit
+    >>> print(ops.format_backend_report())                 # what can run, what ran, fallbacks
+
+Backends: ``reference`` (pure torch), ``cpp`` (CPU extension, built lazily on first use),
+``triton`` (CUDA natively; CPU only under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA extension).
+Importing this package builds nothing and imports no triton. See ``docs/ops.md``.
+"""
+
+from __future__ import annotations
+
+from .registry import (
+    Backend,
+    BackendUnavailableError,
+    backend_report,
+    format_backend_report,
+    get_backend,
+    parse_backend,
+    reset_backend_stats,
+    set_backend,
+    use_backend,
+)
+from .rmsnorm import rms_norm, rms_norm_reference
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "backend_report",
+    "format_backend_report",
+    "get_backend",
+    "parse_backend",
+    "reset_backend_stats",
+    "rms_norm",
+    "rms_norm_reference",
+    "set_backend",
+    "use_backend",
+]
