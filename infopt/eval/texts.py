@@ -1,0 +1,261 @@
+"""Offline-reproducible English evaluation text and prompts.
+
+Two named sources, both real English and both pinned so numbers are comparable across runs:
+
+* ``"lee"`` (the default): the Lee background corpus, 300 short Australian news articles
+  (one per line, ~360 KB) shipped as test data inside the ``gensim==4.4.0`` wheel. It is
+  fetched once from the package registry with ``pip download`` (gensim is never installed;
+  the file is read out of the wheel with :mod:`zipfile`), sha256-checked and cached at
+  ``<cache>/data/lee_background.cor`` where ``<cache>`` is ``$INFOPT_CACHE`` or
+  ``~/.cache/infopt``. News prose is the closest thing to "generic English" available
+  offline, so it is the default. If the fetch fails we raise: silently switching text
+  would make perplexities incomparable.
+* ``"pydoc"``: documentation prose extracted from CPython's ``pydoc_data/topics.py``
+  (always present, no network). The exact text depends on the Python minor version, so
+  compare pydoc numbers only between runs on the same Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+__all__ = [
+    "CODE_PROMPTS",
+    "DEFAULT_TEXT",
+    "LEE_SHA256",
+    "TEXT_NAMES",
+    "cache_dir",
+    "default_text",
+    "eval_prompts",
+    "fetch_lee",
+    "get_text",
+    "lee_articles",
+    "pydoc_paragraphs",
+]
+
+TEXT_NAMES = ("lee", "pydoc")
+DEFAULT_TEXT = "lee"
+
+LEE_PACKAGE = "gensim==4.4.0"
+LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
+LEE_FILENAME = "lee_background.cor"
+# sha256 of the raw member bytes (360082 bytes, 300 lines) in every gensim 4.4.0 wheel.
+LEE_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
+
+# The data file is identical in every platform wheel, so ask for one fixed wheel: this works
+# from any host interpreter/OS (gensim 4.4.0 may have no wheel for the host's Python). The
+# second attempt (host defaults) covers registries that mirror only some platforms.
+_PIP_ATTEMPTS = (
+    [
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+    ],
+    [],
+)
+
+
+def cache_dir() -> Path:
+    """``$INFOPT_CACHE`` if set, else ``~/.cache/infopt`` (not created here)."""
+    env = os.environ.get("INFOPT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "infopt"
+
+
+def _lee_path() -> Path:
+    return cache_dir() / "data" / LEE_FILENAME
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_member(wheel: Path) -> bytes:
+    with zipfile.ZipFile(wheel) as zf:
+        data = zf.read(LEE_MEMBER)
+    if _sha256(data) != LEE_SHA256:
+        raise RuntimeError(
+            f"{LEE_MEMBER} in {wheel.name} has sha256 {_sha256(data)}, expected {LEE_SHA256}; "
+            f"the wheel is not the pinned {LEE_PACKAGE}"
+        )
+    return data
+
+
+def _download_wheel(dest: Path) -> Path:
+    """``pip download`` the pinned gensim wheel into ``dest``; returns the wheel's path."""
+    errors = []
+    for extra in _PIP_ATTEMPTS:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            *extra,
+            LEE_PACKAGE,
+            "-d",
+            str(dest),
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            errors.append(f"{' '.join(cmd)}: {e}")
+            continue
+        wheels = sorted(dest.glob("gensim-4.4.0-*.whl"))
+        if proc.returncode == 0 and wheels:
+            return wheels[0]
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        errors.append(f"{' '.join(cmd)} -> exit {proc.returncode}: {' | '.join(tail)}")
+    raise RuntimeError(
+        f"could not download {LEE_PACKAGE} (needed for the 'lee' evaluation text) from the "
+        "package registry:\n  " + "\n  ".join(errors) + "\n"
+        "Check network/registry access (pip config, PIP_INDEX_URL) and retry, or download it "
+        f"yourself (`python -m pip download --no-deps --only-binary=:all: {LEE_PACKAGE} -d DIR`) "
+        "and call infopt.eval.fetch_lee(wheel='DIR/gensim-4.4.0-....whl'). The offline "
+        "text get_text('pydoc') needs no download."
+    )
+
+
+def fetch_lee(wheel: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """Ensure the Lee corpus is cached and return its path.
+
+    Args:
+        wheel: a local ``gensim-4.4.0-*.whl`` to extract from instead of downloading.
+        force: re-extract even if a verified cached copy exists.
+
+    Raises:
+        RuntimeError: the download failed or the bytes do not match :data:`LEE_SHA256`.
+    """
+    path = _lee_path()
+    # A cached file with the wrong hash (corrupt, foreign) is replaced rather than trusted.
+    if path.exists() and not force and _sha256(path.read_bytes()) == LEE_SHA256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if wheel is not None:
+        data = _read_member(Path(wheel))
+    else:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gensim-dl-") as tmp:
+            data = _read_member(_download_wheel(Path(tmp)))
+    # Atomic publish: concurrent readers see either no file or the complete, verified one.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{LEE_FILENAME}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def lee_articles() -> list[str]:
+    """The 300 Lee news articles in file order, each stripped (fetches on first use)."""
+    text = fetch_lee().read_bytes().decode("utf-8")
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+_UNDERLINE = re.compile(r"\s*([*=\-^~\"'#+])\1{2,}\s*")
+
+
+def pydoc_paragraphs() -> list[str]:
+    """Prose paragraphs of ``pydoc_data.topics``, topics in sorted key order.
+
+    Keeps only unindented blocks (indented ones are code, grammar productions or quoted
+    examples), drops section headings, reflows each paragraph onto one line and drops short
+    or symbol-heavy ones (tables, method signatures, ``>>>`` sessions).
+    """
+    from pydoc_data.topics import topics
+
+    paras = []
+    for key in sorted(topics):
+        for block in re.split(r"\n[ \t]*\n", topics[key]):
+            if not block.strip() or block[0].isspace():
+                continue
+            lines = block.split("\n")
+            kept = [ln for ln in lines if not _UNDERLINE.fullmatch(ln)]
+            if len(kept) < len(lines) and len(kept) <= 1:
+                continue  # a heading: title line + underline
+            para = " ".join(" ".join(kept).split())
+            if len(para.split()) < 8:
+                continue
+            letters = sum(c.isalpha() or c == " " for c in para) / len(para)
+            if letters < 0.75:
+                continue
+            paras.append(para)
+    return paras
+
+
+def get_text(name: str = DEFAULT_TEXT) -> str:
+    """The named evaluation text: ``"lee"`` (articles joined by ``\\n``) or ``"pydoc"``
+    (paragraphs joined by ``\\n\\n``)."""
+    if name == "lee":
+        return "\n".join(lee_articles())
+    if name == "pydoc":
+        return "\n\n".join(pydoc_paragraphs())
+    raise ValueError(f"unknown text {name!r}; available: {list(TEXT_NAMES)}")
+
+
+def default_text() -> str:
+    """``get_text(DEFAULT_TEXT)``, i.e. the Lee news corpus (downloads once, then cached)."""
+    return get_text(DEFAULT_TEXT)
+
+
+def eval_prompts(n: int = 8, source: str = DEFAULT_TEXT, *, n_words: int = 12) -> list[str]:
+    """``n`` short English prompts: the first ``n_words`` words of ``n`` documents spread
+    evenly over the source (articles for ``"lee"``, paragraphs for ``"pydoc"``).
+
+    Prompts stop mid-sentence so a model's continuation is fairly constrained, and carry no
+    trailing space (BPE tokenizers attach the space to the next word).
+    """
+    if source == "lee":
+        docs = lee_articles()
+    elif source == "pydoc":
+        docs = pydoc_paragraphs()
+    else:
+        raise ValueError(f"unknown prompt source {source!r}; available: {list(TEXT_NAMES)}")
+    if not 0 < n <= len(docs):
+        raise ValueError(f"n must be in [1, {len(docs)}] for source {source!r}, got {n}")
+    return [" ".join(docs[i * len(docs) // n].split()[:n_words]) for i in range(n)]
+
+
+# Hand-written completion prompts for code models: each is the head of a small, well-known
+# Python function whose body a competent model should write the same way every time.
+CODE_PROMPTS: tuple[str, ...] = (
+    'def fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number (fib(0) == 0)."""\n',
+    'def is_prime(n: int) -> bool:\n    """Return True if n is a prime number."""\n',
+    "def binary_search(items: list[int], target: int) -> int:\n"
+    '    """Return the index of target in the sorted list items, or -1 if absent."""\n',
+    "def reverse_words(sentence: str) -> str:\n"
+    '    """Reverse the order of words in a sentence."""\n',
+    "def flatten(nested: list) -> list:\n"
+    '    """Flatten an arbitrarily nested list into a flat list."""\n',
+    "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n"
+    '    """Merge two sorted lists into one sorted list."""\n',
+    'def word_count(text: str) -> dict[str, int]:\n    """Count occurrences of each word."""\n',
+    "class Stack:\n"
+    '    """A last-in, first-out stack backed by a Python list."""\n\n'
+    "    def __init__(self):\n",
+    "def gcd(a: int, b: int) -> int:\n"
+    '    """Greatest common divisor using Euclid\'s algorithm."""\n',
+    "import json\n\n\ndef load_config(path: str) -> dict:\n"
+    '    """Read a JSON config file and return it as a dict."""\n',
+    "def quicksort(xs: list[int]) -> list[int]:\n"
+    '    """Sort a list of integers with the quicksort algorithm."""\n',
+    "def is_palindrome(s: str) -> bool:\n"
+    '    """Return True if s reads the same backwards, ignoring case and spaces."""\n',
+)
