@@ -1,0 +1,130 @@
+"""Plain-text rendering of a :class:`~infopt.bench.runner.BenchResult`.
+
+The table is fixed-width so it can be pasted into issues and diffs. Every ``(x..)`` figure is
+relative to the baseline row of the same run: speedups (> 1 faster) for TTFT and decode,
+size ratios (< 1 smaller) for memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import BenchResult, ConfigResult
+
+MB = 1e6
+
+# (header, width, cell function); numbers right-aligned, the config name left-aligned.
+_COLUMNS: list[tuple[str, int, Any]] = [
+    ("config", 12, lambda r: r.name),
+    ("dtype", 8, lambda r: r.config["dtype"]),
+    ("model MB", 14, lambda r: _with_ratio(r, r.model_bytes / MB, ".1f", "model_bytes")),
+    ("TTFT ms", 15, lambda r: _with_ratio(r, r.ttft_ms["median"], ".1f", "ttft_speedup")),
+    (
+        "decode tok/s",
+        15,
+        lambda r: _with_ratio(r, r.decode_tok_s["median"], ".2f", "decode_speedup"),
+    ),
+    ("peak MB", 7, lambda r: _num(r.peak_mem_bytes / MB, ".0f")),
+    ("+mem MB", 13, lambda r: _with_ratio(r, r.peak_mem_delta_bytes / MB, ".0f", "peak_mem")),
+    ("ppl", 8, lambda r: _ev(r, "ppl_cand", ".3f")),
+    ("dppl %", 7, lambda r: _ev(r, "ppl_rel_increase", "+.2f", 100.0)),
+    ("KL", 7, lambda r: _ev(r, "kl_mean", ".4f")),
+    ("top1", 5, lambda r: _ev(r, "top1_agreement", ".3f")),
+    # compare() reports the greedy prefix match; "greedy_agreement" is the older contract name.
+    ("greedy", 6, lambda r: _ev(r, ("greedy_prefix_match", "greedy_agreement"), ".3f")),
+]
+
+
+def _num(v: Any, fmt: str, scale: float = 1.0) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v * scale, fmt)
+
+
+def _with_ratio(r: ConfigResult, v: float, fmt: str, ratio: str) -> str:
+    """``v`` followed by row ``r``'s ``ratio`` against the baseline, e.g. ``26.90 (1.00x)``."""
+    return f"{_num(v, fmt)} ({_num(r.ratios[ratio], '.2f')}x)"
+
+
+def _ev(r: ConfigResult, keys: str | tuple[str, ...], fmt: str, scale: float = 1.0) -> str:
+    """An eval figure of row ``r``: the first of ``keys`` it has, "-" when none."""
+    ev = r.eval or {}
+    keys = (keys,) if isinstance(keys, str) else keys
+    return _num(next((ev[k] for k in keys if ev.get(k) is not None), None), fmt, scale)
+
+
+def format_table(rows: list[ConfigResult]) -> str:
+    """One fixed-width line per config, under a header and a rule."""
+    lines = []
+    for i, (h, w, _) in enumerate(_COLUMNS):
+        lines.append(h.ljust(w) if i == 0 else h.rjust(w))
+    out = ["  ".join(lines)]
+    out.append("-" * len(out[0]))
+    for r in rows:
+        cells = [f(r) for _, _, f in _COLUMNS]
+        out.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, (_, w, _)) in enumerate(zip(cells, _COLUMNS))
+            )
+        )
+    return "\n".join(out)
+
+
+def format_header(res: BenchResult) -> str:
+    m, v, s = res.machine, res.versions, res.settings
+    cores = f"{m.get('logical_cores')} logical cores"
+    if m.get("physical_cores"):
+        cores += f" ({m['physical_cores']} physical)"
+    machine = f"machine: {m.get('cpu')}, {cores}"
+    if m.get("ram_gib"):
+        machine += f", {m['ram_gib']} GiB RAM"
+    if m.get("loadavg_1m_at_start") is not None:
+        machine += f", load avg {m['loadavg_1m_at_start']} at start"
+    if m.get("gpu"):
+        machine += f" | GPU: {m['gpu']} ({m.get('gpu_mem_gib')} GiB, CUDA {m.get('cuda')})"
+    evals = (
+        f"eval {s['eval_tokens']} tokens + {s['eval_prompts']} greedy prompts"
+        if s["eval_tokens"]
+        else "eval skipped"
+    )
+    return "\n".join(
+        [
+            f"infopt bench | model {res.model} | device {res.device} | batch {res.batch_size} | "
+            f"greedy | baseline: {res.baseline} | {res.date}",
+            machine,
+            f"versions: torch {v['torch']} | transformers {v['transformers']} | "
+            f"infopt {v['infopt']} | python {v['python']} | threads {res.threads}",
+            f"run: prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, "
+            f"{s['warmup']} warmup + {s['repeats']} timed runs (median); {evals}; "
+            f"wall {res.wall_s:.0f} s",
+        ]
+    )
+
+
+def format_notes(res: BenchResult) -> str:
+    method = res.rows[0].mem_method if res.rows else "?"
+    return "\n".join(
+        [
+            "(Nx): vs baseline; TTFT, decode: speedup (>1 faster); MB: size ratio (<1 smaller).",
+            "TTFT: prompt -> first new token via generate(); decode: later tokens / their time.",
+            f"peak MB: peak during the generate runs ({method}); +mem MB: that peak minus the",
+            "  level before this config was loaded (the baseline stays loaded for eval).",
+            "ppl/KL/top1/greedy: infopt.eval.compare vs baseline"
+            + (
+                "; baseline row: itself (KL 0, agreement 1 by definition)."
+                if res.rows and (res.rows[0].eval or {}).get("source") == "identity"
+                else "."
+            ),
+        ]
+    )
+
+
+def format_report(res: BenchResult) -> str:
+    """Header, table, notes and the kernel backend report, as printed by ``infopt bench``."""
+    parts = [format_header(res), "", format_table(res.rows), "", format_notes(res)]
+    if res.backend_report_text:
+        parts += ["", res.backend_report_text.rstrip()]
+    return "\n".join(parts)

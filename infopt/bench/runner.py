@@ -1,0 +1,496 @@
+"""``run_bench``: every config measured in one process against a baseline from the same run.
+
+For each config: load a fresh model in the config's dtype, apply its ``wrap_model`` options
+(or its ``apply`` callable), then measure batch-1 greedy generation through
+``model.generate`` (TTFT, decode tokens/s, peak memory), its weight bytes, and its quality
+against the baseline model (``infopt.eval.compare``), which stays loaded for the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configs import BASELINE, BenchConfig, _json_safe, resolve_configs
+from .timing import GenTiming, PeakMemory, memory_in_use, summarize, timed_generate
+
+Loader = Callable[[str, torch.dtype, str], tuple[Any, Any]]  # (name, dtype, device) -> (model, tok)
+
+# Defaults sized so `infopt bench` on SmolLM2-135M, 2-core CPU, takes ~2-3 minutes (docs/bench.md).
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_CONFIGS = ("baseline", "bf16")
+DEFAULT_PROMPT_TOKENS = 128
+DEFAULT_NEW_TOKENS = 64
+DEFAULT_REPEATS = 3
+DEFAULT_WARMUP = 1
+DEFAULT_EVAL_TOKENS = 1024
+DEFAULT_EVAL_PROMPTS = 8
+
+
+@dataclasses.dataclass
+class ConfigResult:
+    """Measurements for one config. Times in ms, rates in tokens/s, sizes in bytes.
+
+    ``peak_mem_bytes`` is absolute (process RSS on CPU, allocated tensors on CUDA) and so
+    includes the baseline model kept for the quality comparison; ``peak_mem_delta_bytes`` is
+    the peak minus what was in use before this config's model was loaded, i.e. what this
+    config costs, and is what the memory ratio compares.
+    """
+
+    config: dict[str, Any]
+    model_bytes: int
+    load_s: float
+    ttft_ms: dict[str, float]
+    decode_tok_s: dict[str, float]
+    peak_mem_bytes: int
+    peak_mem_delta_bytes: int
+    mem_before_load_bytes: int
+    mem_method: str
+    raw: dict[str, list[float]]
+    eval: dict[str, Any] | None = None
+    ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """A whole run: environment, settings, and one :class:`ConfigResult` per config."""
+
+    model: str
+    device: str
+    baseline: str
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    versions: dict[str, str]
+    threads: int
+    date: str
+    rows: list[ConfigResult]
+    wall_s: float = 0.0
+    backend_report: Any = None
+    backend_report_text: str | None = None
+    batch_size: int = 1
+
+    def row(self, name: str) -> ConfigResult:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["backend_report"] = _json_safe(self.backend_report)
+        return d
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # allow_nan=False: a NaN/inf would be invalid JSON for most readers; _finite maps to None.
+        path.write_text(json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n")
+        return path
+
+    def format_table(self) -> str:
+        from .report import format_report
+
+        return format_report(self)
+
+
+def run_bench(
+    model: str = DEFAULT_MODEL,
+    configs: str | Iterable[str | BenchConfig] = DEFAULT_CONFIGS,
+    *,
+    device: str = "cpu",
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    eval_prompts: int = DEFAULT_EVAL_PROMPTS,
+    threads: int | None = None,
+    progress: bool = True,
+    loader: Loader | None = None,
+    text: str | None = None,
+    compare_fn: Callable[..., Any] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> BenchResult:
+    """Benchmark ``configs`` of ``model`` (batch 1, greedy) against the fp32 baseline.
+
+    Args:
+        model: registry name or path given to ``infopt.models.load_model``.
+        configs: names (``"baseline,bf16"`` or a list) or :class:`BenchConfig` objects; the
+            baseline is always run first (prepended when missing).
+        prompt_tokens: prompt length in tokens, cut from the evaluation text.
+        new_tokens: tokens generated per timed run (exactly; EOS is suppressed).
+        repeats / warmup: timed runs (median reported, min/max kept) / untimed runs before.
+        eval_tokens / eval_prompts: text tokens and greedy prompts for ``infopt.eval.compare``;
+            ``eval_tokens=0`` skips quality evaluation.
+        threads: ``torch.set_num_threads`` for the run (restored afterwards).
+        loader / text / compare_fn / clock: injection points for tests; default to
+            ``infopt.models.load_model``, ``infopt.eval.default_text()``, ``infopt.eval.compare``
+            and ``time.perf_counter``.
+    """
+    cfgs = resolve_configs(configs)
+    for arg, v, lo in (
+        ("prompt_tokens", prompt_tokens, 1),
+        ("new_tokens", new_tokens, 2),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+        ("eval_tokens", eval_tokens, 0),
+        ("eval_prompts", eval_prompts, 0),
+    ):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{arg} must be an integer >= {lo}, got {v!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
+    loader = loader or _default_loader
+    log = _logger(progress)
+
+    settings = {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "eval_tokens": eval_tokens,
+        "eval_prompts": eval_prompts,
+        "decoding": "greedy",
+        "batch_size": 1,
+    }
+    machine = machine_info(dev)  # before the run: its load average says how quiet it was
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t_start = clock()
+    try:
+        rows, backend = _run_all(model, cfgs, dev, loader, text, compare_fn, log, clock, settings)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(prev_threads)
+    _fill_ratios(rows)
+    return BenchResult(
+        model=model,
+        device=str(dev),
+        baseline=BASELINE,
+        settings=settings,
+        machine=machine,
+        versions=versions(),
+        threads=used_threads,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        rows=rows,
+        wall_s=clock() - t_start,
+        backend_report=backend[0],
+        backend_report_text=backend[1],
+    )
+
+
+def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settings):
+    prompt_tokens, new_tokens = settings["prompt_tokens"], settings["new_tokens"]
+    repeats, warmup = settings["repeats"], settings["warmup"]
+    eval_tokens, eval_prompts = settings["eval_tokens"], settings["eval_prompts"]
+    rows: list[ConfigResult] = []
+    baseline_model = tokenizer = prompt = None
+    for cfg in cfgs:
+        gc.collect()
+        _release_freed_memory(dev)
+        mem_before = memory_in_use(dev)
+        log(f"{cfg.name}: loading {model_name} ({str(cfg.dtype).removeprefix('torch.')})")
+        t0 = clock()
+        m, tok = loader(model_name, cfg.dtype, str(dev))
+        m = _apply(cfg, m)
+        load_s = clock() - t0
+        m.eval()
+        if baseline_model is None:  # first config is the baseline (resolve_configs ensures it)
+            baseline_model, tokenizer = m, tok
+            prompt = _prompt_ids(tokenizer, text, prompt_tokens).to(dev)
+        pad = _pad_token_id(tokenizer)
+
+        log(f"{cfg.name}: timing {warmup} warmup + {repeats} runs of {new_tokens} tokens")
+        timings: list[GenTiming] = []
+        with PeakMemory(dev) as peak:
+            for _ in range(warmup):
+                timed_generate(m, prompt, new_tokens, pad_token_id=pad, clock=clock)
+            for _ in range(repeats):
+                timings.append(timed_generate(m, prompt, new_tokens, pad_token_id=pad, clock=clock))
+        ttft = [t.ttft_s * 1e3 for t in timings]
+        rate = [t.decode_tok_s for t in timings]
+        row = ConfigResult(
+            config=cfg.to_dict(),
+            model_bytes=model_bytes(m),
+            load_s=load_s,
+            ttft_ms=summarize(ttft),
+            decode_tok_s=summarize(rate),
+            peak_mem_bytes=peak.peak_bytes,
+            peak_mem_delta_bytes=peak.peak_bytes - mem_before,
+            mem_before_load_bytes=mem_before,
+            mem_method=peak.method,
+            raw={"ttft_ms": ttft, "decode_tok_s": rate, "total_s": [t.total_s for t in timings]},
+        )
+        if eval_tokens > 0 and cfg.name != BASELINE:
+            log(f"{cfg.name}: quality vs {BASELINE} ({eval_tokens} tokens, {eval_prompts} prompts)")
+            row.eval = _evaluate(
+                compare_fn, baseline_model, m, tokenizer, text, eval_tokens, eval_prompts
+            )
+        rows.append(row)
+        log(
+            f"{cfg.name}: TTFT {row.ttft_ms['median']:.1f} ms, "
+            f"decode {row.decode_tok_s['median']:.2f} tok/s"
+        )
+        if m is not baseline_model:
+            del m
+    if eval_tokens > 0:
+        _fill_baseline_eval(
+            rows, baseline_model, tokenizer, text, eval_tokens, eval_prompts, compare_fn, log
+        )
+    backend = _backend_report()
+    del baseline_model
+    gc.collect()
+    return rows, backend
+
+
+def _evaluate(compare_fn, ref, cand, tok, text, eval_tokens, eval_prompts) -> dict[str, Any]:
+    """``infopt.eval.compare`` (or the injected ``compare_fn``) as a plain dict."""
+    compare_fn = compare_fn or _default_compare
+    res = compare_fn(
+        ref,
+        cand,
+        tok,
+        texts=None if text is None else [text],
+        # [] skips greedy generation; None would make compare pick its default prompts
+        prompts=None if eval_prompts else [],
+        max_tokens=eval_tokens,
+        n_prompts=max(eval_prompts, 1),
+    )
+    d = res.to_dict() if hasattr(res, "to_dict") else dict(vars(res))
+    d = {k: _as_py(v) for k, v in d.items()}
+    d["source"] = "compare"
+    return d
+
+
+def _fill_baseline_eval(
+    rows, baseline_model, tok, text, eval_tokens, eval_prompts, compare_fn, log
+):
+    """The baseline compared with itself is the identity: KL 0, agreement 1, Δppl 0.
+
+    Its perplexity is taken from another row's ``ppl_ref`` (the same model, text and token
+    budget); only when the baseline runs alone is ``compare`` called, to measure that ppl.
+    """
+    base = rows[0]
+    other = next((r.eval for r in rows[1:] if r.eval), None)
+    if other is None:
+        log(f"{BASELINE}: quality vs itself ({eval_tokens} tokens)")
+        base.eval = _evaluate(
+            compare_fn, baseline_model, baseline_model, tok, text, eval_tokens, eval_prompts
+        )
+        return
+    base.eval = {}
+    for k, v in other.items():
+        if k.startswith("kl_") or k == "ppl_rel_increase":
+            v = 0.0
+        elif k.endswith("_cand"):
+            v = other[k.removesuffix("_cand") + "_ref"]
+        elif v is not None and ("agreement" in k or k.endswith("_match")):
+            v = 1.0
+        base.eval[k] = v
+    base.eval["source"] = "identity"
+
+
+def _fill_ratios(rows: Sequence[ConfigResult]) -> None:
+    """Ratios against the baseline row of the same run; > 1 means faster, < 1 smaller."""
+    base = rows[0]
+    for r in rows:
+        r.ratios = {
+            "decode_speedup": _div(r.decode_tok_s["median"], base.decode_tok_s["median"]),
+            "ttft_speedup": _div(base.ttft_ms["median"], r.ttft_ms["median"]),
+            "peak_mem": _div(r.peak_mem_delta_bytes, base.peak_mem_delta_bytes),
+            "model_bytes": _div(r.model_bytes, base.model_bytes),
+        }
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
+# --- model helpers ----------------------------------------------------------------------------
+
+
+def _default_loader(name: str, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
+    from infopt.models import load_model
+
+    return load_model(name, dtype, device=device)
+
+
+def _default_compare(*args: Any, **kwargs: Any) -> Any:
+    from infopt.eval import compare
+
+    return compare(*args, **kwargs)
+
+
+def _apply(cfg: BenchConfig, model: Any) -> Any:
+    if cfg.apply is not None:
+        return cfg.apply(model)
+    if cfg.wrap_options:
+        from infopt import wrap_model
+
+        return wrap_model(model, **cfg.wrap_options)
+    return model  # no options: wrap_model would be an exact no-op, so the row is plain HF
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers, each storage counted once (tied embeddings).
+
+    Tensor subclasses (e.g. torchao quantized weights) are measured through their inner
+    tensors (``__tensor_flatten__``), so packed int8/int4 data counts at its real size.
+    """
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            for n in names:
+                add(getattr(t, n))
+            return
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+
+    for t in (*model.parameters(), *model.buffers()):
+        add(t.data if isinstance(t, torch.nn.Parameter) else t)
+    return total
+
+
+def _prompt_ids(tokenizer: Any, text: str | None, n: int) -> torch.Tensor:
+    """First ``n`` tokens of the evaluation text, shape ``[1, n]``."""
+    if text is None:
+        from infopt.eval import default_text
+
+        text = default_text()
+    # Encode only a generous head of the text (BPE averages ~4 characters a token): the
+    # corpus is far longer than the model's context and tokenizers warn about that.
+    ids = list(tokenizer.encode(text[: 16 * n + 256], add_special_tokens=False))
+    if len(ids) < n:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not ids:
+        raise ValueError("the prompt text tokenized to nothing")
+    if len(ids) < n:  # only for short test texts; the eval corpus is far longer than any prompt
+        ids = ids * (n // len(ids) + 1)
+    return torch.tensor([ids[:n]], dtype=torch.long)
+
+
+def _pad_token_id(tok: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tok, attr, None)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _release_freed_memory(dev: torch.device) -> None:
+    """Hand freed memory back to the OS so the next config's pre-load level is honest."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        # glibc keeps freed heap pages resident; the next config would reuse them "for free".
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _as_py(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o
+
+
+# --- environment ------------------------------------------------------------------------------
+
+
+def machine_info(dev: torch.device) -> dict[str, Any]:
+    """CPU model, core counts, RAM, and the GPU when benchmarking on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "os": platform.platform()}
+    if hasattr(os, "getloadavg"):  # other work on the machine skews every timing; record it
+        info["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)
+    try:
+        import psutil
+
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info["gpu"] = props.name
+        info["gpu_mem_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import infopt
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "infopt": getattr(infopt, "__version__", "unknown"),
+    }
+
+
+def _backend_report() -> tuple[Any, str | None]:
+    """``infopt.ops`` backend report, taken after the run so it shows what was used."""
+    try:
+        from infopt import ops
+
+        return ops.backend_report(), ops.format_backend_report()
+    except Exception as e:  # noqa: BLE001 - a missing/broken report must not lose the numbers
+        return None, f"(kernel backend report unavailable: {type(e).__name__}: {e})"
+
+
+def _logger(enabled: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if enabled:
+            print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    return log
