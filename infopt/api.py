@@ -10,6 +10,7 @@ order, and records what it applied on the model so it can be saved and reported.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +36,22 @@ class OptionSpec:
 
 _OPTIONS: dict[str, OptionSpec] = {}
 _HANDLERS: dict[type[InfoptConfig], Handler] = {}
+
+# The technique packages register their options on import. They are imported on first use of
+# the registry, not by ``import infopt``, which keeps the top-level import cheap.
+_BUILTIN_OPTION_MODULES = ("infopt.quant", "infopt.kvcache", "infopt.speculative")
+_builtins_loaded = False
+_APPLY_ORDER = ("quant", "kv", "spec")
+
+
+def load_builtin_options() -> None:
+    """Import the technique packages so their options (and bench rows) are registered."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for mod in _BUILTIN_OPTION_MODULES:
+        importlib.import_module(mod)
 
 
 def register_option(
@@ -65,11 +82,13 @@ def register_handler(config_type: type[InfoptConfig]) -> Callable[[Handler], Han
 
 def accepted_options() -> dict[str, list[str]]:
     """``{option name: [accepted string aliases]}`` for error messages and the CLI."""
+    load_builtin_options()
     return {name: sorted(spec.aliases) for name, spec in _OPTIONS.items()}
 
 
 def parse_option(name: str, value: Any) -> InfoptConfig:
-    """Turn one ``wrap_model`` keyword value (alias string, config, or config dict) into a config."""
+    """One ``wrap_model`` keyword value (alias string, config or config dict) -> a config."""
+    load_builtin_options()
     spec = _OPTIONS.get(name)
     if spec is None:
         accepted = ", ".join(sorted(_OPTIONS)) or "none are registered"
@@ -112,12 +131,21 @@ def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
     The wrapped model keeps working with ``model.generate``.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"wrap_model expects a torch.nn.Module as model, got {type(model).__name__}")
+        raise TypeError(
+            f"wrap_model expects a torch.nn.Module as model, got {type(model).__name__}"
+        )
+    load_builtin_options()
     # Parse everything before touching the model, so one bad option applies nothing.
     parsed = {name: parse_option(name, v) for name, v in options.items() if v is not None}
-    for name in _OPTIONS:  # registration order = application order (quant before kv ...)
-        if name not in parsed:
-            continue
+    # Weights are quantized before the KV cache and speculation are set up, whatever order the
+    # technique packages happened to be imported in; other options follow in registration order.
+    registered = list(_OPTIONS)
+    order = sorted(
+        parsed,
+        key=lambda n: (_APPLY_ORDER.index(n) if n in _APPLY_ORDER else len(_APPLY_ORDER),
+                       registered.index(n)),
+    )
+    for name in order:
         config = parsed[name]
         handler = _handler_for(config)
         result = handler(model, config)

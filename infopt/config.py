@@ -57,7 +57,9 @@ class InfoptConfig:
         known = {f.name: f for f in dataclasses.fields(target)}
         unknown = set(d["fields"]) - set(known)
         if unknown:
-            raise ValueError(f"{d['type']}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"{d['type']}: unknown fields {sorted(unknown)}; known: {sorted(known)}"
+            )
         kwargs = {}
         for name, v in d["fields"].items():
             # to_dict turned tuples into lists for JSON; configs are frozen, so turn them back.

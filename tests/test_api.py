@@ -34,9 +34,11 @@ class _ScaleConfig(InfoptConfig):
 
 @pytest.fixture
 def scale_option(monkeypatch):
+    api.load_builtin_options()  # so the copies below hold quant/kv/spec as well
     monkeypatch.setattr(api, "_OPTIONS", dict(api._OPTIONS))
     monkeypatch.setattr(api, "_HANDLERS", dict(api._HANDLERS))
-    api.register_option("scale", _ScaleConfig, {"double": _ScaleConfig, "half": lambda: _ScaleConfig(0.5)})
+    aliases = {"double": _ScaleConfig, "half": lambda: _ScaleConfig(0.5)}
+    api.register_option("scale", _ScaleConfig, aliases)
 
     @api.register_handler(_ScaleConfig)
     def _apply(model, cfg):
@@ -64,7 +66,7 @@ def test_wrap_model_without_options_is_exact_noop():
 
 
 def test_unknown_option_lists_accepted(scale_option):
-    with pytest.raises(ValueError, match=r"unknown option 'quantt'.*accepted options: scale"):
+    with pytest.raises(ValueError, match=r"unknown option 'quantt'.*accepted options: .*scale"):
         infopt.wrap_model(tiny_llama(), quantt="int4")
 
 
@@ -86,7 +88,8 @@ def test_alias_config_and_dict_are_equivalent(scale_option):
     for value in ("half", _ScaleConfig(0.5), _ScaleConfig(0.5).to_dict()):
         m = infopt.wrap_model(tiny_llama(), scale=value)
         outs.append(m(ids).logits)
-        assert infopt.applied_configs(m) == [{"option": "scale", "config": _ScaleConfig(0.5).to_dict()}]
+        expected = [{"option": "scale", "config": _ScaleConfig(0.5).to_dict()}]
+        assert infopt.applied_configs(m) == expected
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
     assert not torch.equal(outs[0], tiny_llama()(ids).logits)
 
@@ -97,6 +100,12 @@ def test_bad_option_applies_nothing(scale_option):
     with pytest.raises(ValueError):
         infopt.wrap_model(model, scale="double", bogus=1)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, w)
+
+
+def test_builtin_options_are_registered():
+    opts = infopt.accepted_options()
+    assert {"quant", "kv", "spec"} <= set(opts)
+    assert "int4" in opts["quant"] and "paged" in opts["kv"] and "prompt_lookup" in opts["spec"]
 
 
 def test_config_round_trip_and_versioning():

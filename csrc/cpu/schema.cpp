@@ -21,4 +21,10 @@ TORCH_LIBRARY(infopt, m) {
       " Tensor? bias) -> Tensor");
   //   w8a8: dynamic per-token symmetric int8 activations x int8 weights, exact int32 accumulation.
   m.def("int8_dynamic_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  // Paged attention (layouts and semantics: infopt/ops/paged_attention.py): packed varlen q
+  // [N, Hq, D], k/v_cache [num_blocks, block_size, Hkv, D], block_tables int32 [B, max_blocks],
+  // seq_lens int32 [B], query_start_loc int32 [B + 1]; causal, GQA; -> [N, Hq, D] in q.dtype.
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables,"
+      " Tensor seq_lens, Tensor query_start_loc, float scale) -> Tensor");
 }

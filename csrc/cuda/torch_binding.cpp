@@ -1,6 +1,6 @@
-// Thin torch adapter for the CUDA RMSNorm kernel: validates tensors, picks the current stream and
-// device, and calls the plain-C launcher in rmsnorm.cu. The schema is defined once in
-// csrc/cpu/schema.cpp (the CPU library must be loaded first); this file only adds the CUDA impl.
+// Thin torch adapter for the CUDA kernels (rmsnorm.cu, int4_gemv.cu): validates tensors, picks the
+// current stream and device, and calls their plain-C launchers. The schemas are defined once in
+// csrc/cpu/schema.cpp (the CPU library must be loaded first); this file only adds CUDA impls.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -8,6 +8,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <vector>
+
+#include "int4_gemv.h"
 #include "rmsnorm.h"
 
 namespace infopt {
@@ -55,8 +59,61 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
   return y;
 }
 
+// infopt::int4_weight_only_linear on CUDA: x [..., K] fp32/bf16/fp16 -> [..., N] in x.dtype.
+at::Tensor int4_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qweight,
+                                        const at::Tensor& scale, const at::Tensor& zero,
+                                        int64_t group_size, const std::optional<at::Tensor>& bias) {
+  const char* op = "infopt::int4_weight_only_linear";
+  TORCH_CHECK(x.is_cuda() && qweight.device() == x.device() && scale.device() == x.device() &&
+                  zero.device() == x.device() && (!bias || bias->device() == x.device()),
+              op, " (CUDA): x, qweight, scale, zero and bias must be on one CUDA device");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension ([..., K])");
+  const int xd = to_infopt_dtype(x.scalar_type());
+  TORCH_CHECK(xd >= 0, op, ": x dtype must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0, op,
+              ": group_size must be a positive even integer, got ", group_size);
+  const int64_t K = x.size(-1), kb = (K + 1) / 2, G = (K + group_size - 1) / group_size;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(1) == kb,
+              op, ": qweight must be uint8 [N, ceil(K/2)] = [N, ", kb, "], got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(scale.is_floating_point() && scale.dim() == 2 && scale.size(0) == N &&
+                  scale.size(1) == G,
+              op, ": scale must be a float tensor [N, ceil(K/group_size)] = [", N, ", ", G,
+              "], got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.dim() == 2 && zero.size(0) == N &&
+                  zero.size(1) == G,
+              op, ": zero must be a uint8 tensor [N, ", G, "], got ", zero.scalar_type(), " ",
+              zero.sizes());
+  TORCH_CHECK(!bias || (bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == N), op,
+              ": bias must be a float tensor of shape [N] = [", N, "]");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  at::Tensor x2 = x.reshape({-1, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  // Small side tensors in the kernel's layout (no-ops for what infopt.quant produces).
+  const at::Tensor w = qweight.contiguous(), z = zero.contiguous();
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t x_stride = x2.size(0) == 1 ? K : x2.stride(0);
+  const cudaError_t err = infopt_int4_gemv_cuda(
+      x2.const_data_ptr(), x_stride, w.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(),
+      z.const_data_ptr<uint8_t>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+      y.mutable_data_ptr(), x2.size(0), N, K, group_size, xd, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(infopt, CUDA, m) { m.impl("rms_norm", &rms_norm_cuda); }
+TORCH_LIBRARY_IMPL(infopt, CUDA, m) {
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("int4_weight_only_linear", &int4_weight_only_linear_cuda);
+}
 
 }  // namespace infopt

@@ -73,11 +73,17 @@ def register_bench_config(cfg: BenchConfig, *, overwrite: bool = False) -> Bench
 
 def list_bench_configs() -> list[str]:
     """Registered config names, baseline first, then in registration order."""
+    # The technique packages (quant, kvcache, speculative) register their rows on import.
+    from ..api import load_builtin_options
+
+    load_builtin_options()
     return list(_REGISTRY)
 
 
 def get_bench_config(name: str) -> BenchConfig:
     """Look up one config; unknown names raise ``ValueError`` listing the accepted ones."""
+    if name not in _REGISTRY:
+        list_bench_configs()  # imports the technique packages, which register their rows
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -6,6 +6,9 @@
     >>> with ops.use_backend("triton"): ...                # process-wide default, restored on exit
     >>> print(ops.format_backend_report())                 # what can run, what ran, fallbacks
 
+Quantized linears: ``int8_weight_only_linear``, ``int4_weight_only_linear``,
+``int8_dynamic_linear`` (semantics: :mod:`infopt.ops.quant_ref`).
+
 Backends: ``reference`` (pure torch), ``cpp`` (CPU extension, built lazily on first use),
 ``triton`` (CUDA natively; CPU only under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA extension).
 Importing this package builds nothing and imports no triton. See ``docs/ops.md``.
@@ -13,6 +16,13 @@ Importing this package builds nothing and imports no triton. See ``docs/ops.md``
 
 from __future__ import annotations
 
+from .paged_attention import (
+    paged_attention_decode,
+    paged_attention_decode_reference,
+    paged_attention_prefill,
+    paged_attention_prefill_reference,
+)
+from .quant_linear import int4_weight_only_linear, int8_dynamic_linear, int8_weight_only_linear
 from .registry import (
     Backend,
     BackendUnavailableError,
@@ -32,6 +42,13 @@ __all__ = [
     "backend_report",
     "format_backend_report",
     "get_backend",
+    "int4_weight_only_linear",
+    "int8_dynamic_linear",
+    "int8_weight_only_linear",
+    "paged_attention_decode",
+    "paged_attention_decode_reference",
+    "paged_attention_prefill",
+    "paged_attention_prefill_reference",
     "parse_backend",
     "reset_backend_stats",
     "rms_norm",

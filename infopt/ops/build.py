@@ -16,6 +16,7 @@ import sys
 import torch
 
 from . import extensions
+from .quant_linear import QUANT_OPS, smoke_check
 from .registry import Backend, backend_report, format_backend_report
 from .rmsnorm import rms_norm, rms_norm_reference
 
@@ -63,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"check rms_norm[{dev}/{b}]: {msg or 'ok'}")
                 if msg:
                     failed.append(f"rms_norm {b} on {dev}: {msg}")
+    # Quantized linears: cpp expected on CPU; triton (all three) and cuda (int4) on a GPU box.
+    for op in QUANT_OPS:
+        by_dev = backend_report(probe=False)[op]["by_device"]
+        for dev, wanted in expected.items():
+            for b in wanted:  # only backends the op has appear in "unavailable"
+                if b.value in by_dev[dev]["unavailable"]:
+                    failed.append(f"{op} {b.value} on {dev}: {by_dev[dev]['unavailable'][b.value]}")
+        if not args.no_check:
+            for dev, d in by_dev.items():
+                for b in d["available"]:
+                    msg = smoke_check(op, dev, b)
+                    print(f"check {op}[{dev}/{b}]: {msg or 'ok'}")
+                    if msg:
+                        failed.append(f"{op} {b} on {dev}: {msg}")
     for f in failed:
         print(f"FAILED: {f}", file=sys.stderr)
     return 1 if failed else 0

@@ -27,6 +27,37 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return x.new_empty(x.shape)
 
 
+def _quant_linear_fake(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    # Quantized linears: x [..., K] -> a fresh contiguous [..., N] in x's dtype.
+    torch._check(x.dim() >= 1, lambda: "x must have at least 1 dimension")
+    if bias is not None:
+        torch._check(bias.shape == (n,), lambda: f"bias must be [N] = [{n}], got {bias.shape}")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _int8_weight_only_linear_fake(x, qweight, scale, bias):
+    torch._check(
+        qweight.dim() == 2 and qweight.shape[1] == x.shape[-1],
+        lambda: f"qweight must be [N, K={x.shape[-1]}], got {tuple(qweight.shape)}",
+    )
+    return _quant_linear_fake(x, qweight.shape[0], bias)
+
+
+def _int4_weight_only_linear_fake(x, qweight, scale, zero, group_size, bias):
+    torch._check(
+        qweight.dim() == 2 and qweight.shape[1] == (x.shape[-1] + 1) // 2,
+        lambda: f"qweight must be [N, ceil(K/2)] for K={x.shape[-1]}, got {tuple(qweight.shape)}",
+    )
+    return _quant_linear_fake(x, qweight.shape[0], bias)
+
+
+def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    # Output: a fresh tensor shaped and typed like the packed queries [N, Hq, D].
+    torch._check(q.dim() == 3, lambda: f"q must be [N, Hq, D], got {q.dim()}-D")
+    torch._check(k_cache.dim() == 4, lambda: "k_cache must be [num_blocks, block_size, Hkv, D]")
+    return q.new_empty(q.shape)
+
+
 def register_fakes() -> None:
     """Attach fake impls to the loaded ``infopt::*`` ops (idempotent)."""
     global _registered
@@ -34,4 +65,13 @@ def register_fakes() -> None:
         if _registered:
             return
         torch.library.register_fake("infopt::rms_norm")(_rms_norm_fake)
+        torch.library.register_fake("infopt::int8_weight_only_linear")(
+            _int8_weight_only_linear_fake
+        )
+        torch.library.register_fake("infopt::int4_weight_only_linear")(
+            _int4_weight_only_linear_fake
+        )
+        # w8a8 has the int8 weight-only signature and output.
+        torch.library.register_fake("infopt::int8_dynamic_linear")(_int8_weight_only_linear_fake)
+        torch.library.register_fake("infopt::paged_attention")(_paged_attention_fake)
         _registered = True

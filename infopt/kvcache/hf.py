@@ -1,0 +1,243 @@
+"""transformers integration: the ``"infopt_paged"`` attention function and ``enable_paged``.
+
+Supported hooks only (transformers 5.17-5.23): the function is registered with
+``AttentionInterface.register`` and gets the same mask as ``sdpa`` (``AttentionMaskInterface``
+maps the name to the ``"sdpa"`` mask function); models switch to it with
+``model.set_attn_implementation``; ``generate`` gets a :class:`PagedCache` from an *instance*
+attribute wrapping the bound ``generate`` (no class is patched).
+
+When the attention function receives ordinary K/V (no cache, or another ``Cache``) it runs HF's
+own ``sdpa`` function, so a wrapped model still does plain forwards (perplexity, training-style
+calls) exactly as before.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .. import ops
+from .cache import PagedCache, get_paged_layer
+from .config import KVConfig
+
+__all__ = ["ATTN_NAME", "attention_shapes", "disable_paged", "enable_paged", "register"]
+
+ATTN_NAME = "infopt_paged"
+_ORIG_ATTR = "_infopt_kv_original"  # (bound generate, previous attn implementation)
+
+
+def attention_shapes(model: Any) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` from a HF model's (text) config."""
+    cfg = model.config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def real_token_mask(mask: Any, batch: int, q_len: int, hf_start: int) -> list[list[bool]]:
+    """Which of this step's ``[B, T]`` new tokens are real (not padding), from the sdpa-style
+    mask ``[B|1, 1, T, hf_start + T]`` (bool, or additive float): a token is real iff it may
+    attend to itself. ``None`` means no padding."""
+    if mask is None:
+        return [[True] * q_len for _ in range(batch)]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise NotImplementedError(
+            f"infopt_paged expects a 4-D sdpa-style attention mask or None, got "
+            f"{type(mask).__name__} {getattr(mask, 'shape', '')}"
+        )
+    if mask.shape[-1] != hf_start + q_len or mask.shape[-2] != q_len:
+        raise ValueError(
+            f"infopt_paged: mask {tuple(mask.shape)} does not match {hf_start} cached + {q_len} "
+            "new positions"
+        )
+    t = torch.arange(q_len, device=mask.device)
+    diag = _allowed(mask[:, 0, t, hf_start + t])  # [B|1, T]
+    return diag.expand(batch, q_len).tolist()
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def check_mask(mask: torch.Tensor, hf_start: int, q_len: int, pads: list[int]) -> None:
+    """Raise unless ``mask`` is exactly causal attention over non-padding keys."""
+    kv = hf_start + q_len
+    j = torch.arange(kv, device=mask.device)
+    causal = j[None, :] <= hf_start + torch.arange(q_len, device=mask.device)[:, None]  # [T, kv]
+    not_pad = j[None, :] >= torch.tensor(pads, device=mask.device)[:, None]  # [B, kv]
+    expected = causal[None] & not_pad[:, None]  # [B, T, kv]
+    if not torch.equal(_allowed(mask[:, 0]).expand_as(expected), expected):
+        raise NotImplementedError(
+            "infopt_paged supports causal attention with left padding only; this model passed "
+            "a different mask (bidirectional/prefix, sliding window or custom mask functions)"
+        )
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """HF attention-interface function. query ``[B, Hq, T, D]``; key/value either a
+    :class:`PagedCache` layer's pools (paged path) or ordinary ``[B, Hkv, S, D]`` states (HF
+    ``sdpa``). Returns ``([B, T, Hq, D], None)`` like every HF attention function."""
+    layer = get_paged_layer(key)
+    if layer is None:
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    _check_features(module, dropout, kwargs)
+    cache = layer.cache
+    k_new, v_new = layer.pending
+    layer.pending = None
+    batch, hq, q_len, d = query.shape
+    hkv = k_new.shape[1]
+    plan = cache.plan_for(layer, batch, q_len, attention_mask)
+
+    def pack(x: torch.Tensor, heads: int) -> torch.Tensor:  # [B, H, T, D] -> [N, H, D]
+        x = x.transpose(1, 2).reshape(batch * q_len, heads, d)
+        return x if plan.valid_index is None else x.index_select(0, plan.valid_index)
+
+    pool_dtype = layer.keys.dtype
+    layer.keys.view(-1, hkv, d).index_copy_(0, plan.slots, pack(k_new, hkv).to(pool_dtype))
+    layer.values.view(-1, hkv, d).index_copy_(0, plan.slots, pack(v_new, hkv).to(pool_dtype))
+    q = pack(query, hq).to(pool_dtype)
+    scale = float(scaling) if scaling is not None else d**-0.5
+    if plan.decode:
+        out = ops.paged_attention_decode(
+            q, layer.keys, layer.values, plan.block_tables, plan.seq_lens, scale
+        )
+    else:
+        out = ops.paged_attention_prefill(
+            q,
+            layer.keys,
+            layer.values,
+            plan.block_tables,
+            plan.seq_lens,
+            plan.query_start_loc,
+            scale,
+        )
+    out = out.to(query.dtype)
+    if plan.valid_index is not None:  # padding rows: zeros (HF's are garbage nobody reads)
+        full = out.new_zeros(batch * q_len, hq, d)
+        full.index_copy_(0, plan.valid_index, out)
+        out = full
+    layer.hf_len += q_len
+    return out.view(batch, q_len, hq, d), None
+
+
+def _check_features(module: torch.nn.Module, dropout: float, kwargs: dict) -> None:
+    # Attention variants the paged kernels don't implement: fail loudly, never approximate.
+    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"infopt_paged does not support attention {name!r} yet")
+    if not getattr(module, "is_causal", True):
+        raise NotImplementedError("infopt_paged supports causal (decoder) attention only")
+    if dropout and module.training:
+        raise NotImplementedError("infopt_paged is inference-only (attention dropout > 0)")
+
+
+def register() -> None:
+    """Register ``"infopt_paged"`` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+    # Same 4-D boolean mask as sdpa, so the non-paged fallback is exactly HF sdpa.
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _check_model(model: Any) -> None:
+    if not all(hasattr(model, a) for a in ("config", "generate", "set_attn_implementation")):
+        raise TypeError(
+            "kv=... needs a transformers PreTrainedModel (config, generate, "
+            f"set_attn_implementation); got {type(model).__name__}"
+        )
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"{type(model).__name__}: encoder-decoder models are not supported"
+        )
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise NotImplementedError(
+            f"{type(model).__name__} has layer types {sorted(kinds)}; the paged cache supports "
+            "full-attention layers only (no sliding-window/linear/hybrid layers yet)"
+        )
+
+
+def _tokens_hint(model: Any, config: KVConfig, args: tuple, kwargs: dict) -> int | None:
+    """Pool size for one generate call: rows x max_length rounded up to whole blocks."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    rows, prompt = ids.shape
+    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    max_new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None))
+    total = prompt + max_new if max_new else kwargs.get("max_length", getattr(gen, "max_length", 0))
+    total = max(total or 0, prompt + 1)
+    for name in ("num_beams", "num_return_sequences"):
+        rows *= max(1, kwargs.get(name, getattr(gen, name, 1)) or 1)
+    bs = config.block_size
+    return rows * -(-total // bs) * bs
+
+
+def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
+    """Make ``model`` attend through the paged kernels and ``model.generate`` use a fresh
+    :class:`PagedCache` per call (unless the caller passes ``past_key_values``). In place.
+
+    Raises ``TypeError`` for non-HF modules and ``ValueError``/``NotImplementedError`` naming the
+    cause for models whose attention cannot use transformers' AttentionInterface.
+    """
+    config = config or KVConfig()
+    _check_model(model)
+    register()
+    previous = getattr(model, _ORIG_ATTR, None)
+    old_impl = previous[1] if previous else model.config._attn_implementation
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except Exception as e:
+        raise ValueError(f"{type(model).__name__} cannot switch to {ATTN_NAME!r}: {e}") from e
+    if model.config._attn_implementation != ATTN_NAME:
+        raise ValueError(
+            f"{type(model).__name__} cannot use the paged KV cache: its attention modules do not "
+            "dispatch through transformers' AttentionInterface (attn_implementation stayed "
+            f"{model.config._attn_implementation!r})"
+        )
+    original = previous[0] if previous else model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+            hint = _tokens_hint(model, config, args, kwargs)
+            kwargs["past_key_values"] = PagedCache.from_model(model, config, tokens_hint=hint)
+        return original(*args, **kwargs)
+
+    model.generate = generate  # instance attribute: shadows the class method for this model only
+    setattr(model, _ORIG_ATTR, (original, old_impl))
+    model._infopt_kv_config = config
+    return model
+
+
+def disable_paged(model: Any) -> Any:
+    """Undo :func:`enable_paged`: the class's ``generate`` and the previous attention again."""
+    previous = getattr(model, _ORIG_ATTR, None)
+    if previous is None:
+        return model
+    del model.generate  # the instance attribute; the class method shows through again
+    model.set_attn_implementation(previous[1])
+    delattr(model, _ORIG_ATTR)
+    del model._infopt_kv_config
+    return model

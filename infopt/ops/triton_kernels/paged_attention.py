@@ -1,0 +1,90 @@
+"""Triton paged-attention kernel (launcher: ``infopt.ops.paged_attention._paged_attention_triton``).
+
+One program per (packed query token, KV head). It holds the ``GROUP = Hq / Hkv`` query heads that
+share the KV head as a ``[GROUP_P, D_P]`` tile, so GQA/MQA reads each KV tile once and never
+materializes repeated heads. It walks the sequence's block table one page (``BLOCK_SIZE`` tokens)
+at a time up to its causal limit, with an fp32 online softmax (running max ``m``, denominator
+``l``, accumulator ``acc``). Scores use broadcast-multiply + sum rather than ``tl.dot``: tiles can
+be smaller than the 16x16 minimum of ``tl.dot`` (block size 8, MHA group of 1), and decode is
+bandwidth-bound anyway.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr,  # [N, Hq, D], D unit-stride
+    k_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D], D unit-stride
+    v_ptr,  # same layout as k
+    o_ptr,  # [N, Hq, D] q.dtype (or fp32 under the interpreter)
+    bt_ptr,  # int32 [B, max_blocks]
+    seq_idx_ptr,  # int32 [N]: which sequence each query token belongs to
+    q_pos_ptr,  # int32 [N]: absolute position of each query token (causal limit)
+    stride_qn,
+    stride_qh,
+    stride_on,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    scale,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    D: tl.constexpr,
+    D_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.load(seq_idx_ptr + n).to(tl.int64)
+    kv_len = tl.load(q_pos_ptr + n) + 1
+
+    g = tl.arange(0, GROUP_P)
+    d = tl.arange(0, D_P)
+    gmask = g < GROUP
+    dmask = d < D
+    heads = kvh * GROUP + g
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(
+        q_ptr + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0
+    )
+    q = q.to(tl.float32)
+
+    m = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l_sum = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P, D_P], dtype=tl.float32)
+    t = tl.arange(0, BLOCK_SIZE)
+    num_pages = tl.cdiv(kv_len, BLOCK_SIZE)
+    for p in range(0, num_pages):
+        blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
+        tmask = p * BLOCK_SIZE + t < kv_len
+        kvmask = tmask[:, None] & dmask[None, :]
+        k = tl.load(
+            k_ptr + blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+            mask=kvmask,
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_SIZE, D_P]
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_P, BLOCK_SIZE]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        # Page 0 always holds token 0 (kv_len >= 1), so m_new is finite from the first page on.
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        pr = tl.exp(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(pr, axis=1)
+        v = tl.load(
+            v_ptr + blk * stride_vb + t[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+            mask=kvmask,
+            other=0.0,
+        ).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+
+    out = acc / l_sum[:, None]
+    o_off = n * stride_on + heads[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=qmask)

@@ -1,0 +1,157 @@
+"""Triton kernels for the quantized linears (launchers: ``infopt.ops.quant_linear``).
+
+Layouts as in ``infopt/ops/quant_ref.py``: ``x [M, K]`` (unit stride along K), int8 ``qweight
+[N, K]``, packed int4 ``qweight uint8 [N, ceil(K/2)]`` (low nibble = even k), per-channel
+``scale [N]`` or per-group ``scale/zero [N, G]``; ``y [M, N]``. One program computes a
+``BLOCK_M x BLOCK_N`` tile of y, looping over K.
+
+Two variants per kernel (``USE_DOT``): a broadcast-multiply-reduce for decode (M <= 16, where a
+``tl.dot`` tile would be mostly padding and the kernel is bound by the weight stream) and
+``tl.dot`` for larger M. Weights enter the dot product as exact small integers (int8 codes, or
+``code - zero`` for int4) in x's dtype, and the scales multiply the fp32 partial sums, so a bf16
+``x`` loses nothing to rounding the dequantized weights. ``IEEE`` dots (fp32 operands, no TF32)
+serve fp32 ``x``, and every dtype under the interpreter, whose bf16/fp16 ``tl.dot`` is wrong
+(results off by orders of magnitude with triton 3.9); bf16 and int8 codes are exact in fp32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def int8_wo_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,  # x [M, K], w int8 [N, K], s fp32 [N], b fp32 [N], y [M, N]
+    M, N, K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        if USE_DOT:
+            # int8 codes are exact in bf16/fp16/fp32; fp32 x needs IEEE (TF32 would round x).
+            if IEEE:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                             input_precision="ieee")  # fmt: skip
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        else:
+            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=2)
+    y = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def int4_wo_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,  # w uint8 [N, KB], s fp32 [N, G], z uint8 [N, G]
+    M, N, K, KB, G, GS, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # BLOCK_K divides GS, so every K tile lies in one group: one (scale, zero) per row per tile.
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KB
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        g = k0 // GS
+        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # Adjacent k share a byte: each byte is loaded twice, from L1, then one nibble kept.
+        byte = tl.load(w_rows + (k // 2)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        code = (byte >> ((k % 2) * 4).to(tl.uint8)[None, :]) & 0xF
+        zero = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0)
+        scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0)
+        # code - zero is an exact small integer; masked-off k have x == 0, so they add nothing.
+        wq = code.to(tl.int32) - zero.to(tl.int32)[:, None]
+        if USE_DOT:
+            if IEEE:
+                part = tl.dot(x.to(tl.float32), tl.trans(wq.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(wq.to(x.dtype)))
+        else:
+            part = tl.sum(x.to(tl.float32)[:, None, :] * wq.to(tl.float32)[None, :, :], axis=2)
+        acc += part * scale[None, :]
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def quantize_rows_int8_kernel(
+    x_ptr, q_ptr, s_ptr,  # x [M, K] float, q int8 [M, K] contiguous, s fp32 [M]
+    K, stride_xm,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Per-row symmetric int8, bit-exact with ``quant_ref.quantize_per_token_int8``:
+    ``scale = amax / 127`` (1 for a zero row), ``q = clamp(round_half_even(x / scale))``."""
+    row = tl.program_id(0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    a = tl.max(amax, axis=0)
+    scale = tl.where(a > 0, tl.math.div_rn(a, 127.0), 1.0)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0)
+        v = tl.math.div_rn(x.to(tl.float32), scale)  # IEEE division, as torch's x / scale
+        # Round half to even via the 1.5 * 2**23 trick (exact for |v| <= 127 < 2**22).
+        v = (v + 12582912.0) - 12582912.0
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        tl.store(q_ptr + row * K + k0 + rk, v.to(tl.int8), mask=k0 + rk < K)
+
+
+@triton.jit
+def int8_dyn_kernel(
+    q_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr,  # q int8 [M, K], xs fp32 [M], w int8 [N, K]
+    M, N, K, stride_ym,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Exact int32 accumulation, then ``(acc * xs[m]) * s[n] + b[n]`` in the reference's order."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    q_rows = q_ptr + rm.to(tl.int64)[:, None] * K
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        q = tl.load(q_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        if USE_DOT:
+            acc = tl.dot(q, tl.trans(w), acc, out_dtype=tl.int32)
+        else:
+            acc += tl.sum(q.to(tl.int32)[:, None, :] * w.to(tl.int32)[None, :, :], axis=2)
+    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

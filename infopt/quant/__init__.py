@@ -1,0 +1,95 @@
+"""Weight-only and activation quantization of ``nn.Linear`` layers, measured for quality.
+
+    >>> import infopt, infopt.quant
+    >>> model = infopt.wrap_model(model, quant="int8")            # or int4, int4-awq, ...
+    >>> infopt.quant.quantize_model(model, Int4WeightOnlyConfig(method="gptq"), tokenizer=tok)
+    >>> infopt.quant.save_quantized(model, "out/"); infopt.quant.load_quantized("out/")
+
+Formats (:mod:`.formats`): int8 per-channel symmetric, int4 group-wise asymmetric (packed two
+per byte), W8A8 (SmoothQuant, int8 x int8 -> int32), fp8 e4m3 (native on sm_89+, else
+emulated). Methods for int4: RTN, AWQ, GPTQ. See ``docs/quant.md``.
+
+Importing this package registers the ``quant=`` option of :func:`infopt.wrap_model`.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..api import register_handler, register_option
+from .calibration import calibration_ids
+from .config import FP8Config, Int4WeightOnlyConfig, Int8WeightOnlyConfig, QuantConfig, W8A8Config
+from .formats import (
+    dequantize_fp8,
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantize_fp8,
+    quantize_int4,
+    quantize_int8,
+    quantize_weight,
+    sqnr_db,
+    unpack_int4,
+)
+from .gptq import gptq_quantize
+from .modules import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
+from .quantize import is_quantized, quant_config_of, quantize_model, select_targets
+from .serialization import load_quantized, save_quantized
+
+__all__ = [
+    "ALIASES",
+    "FP8Config",
+    "FP8Linear",
+    "Int4Linear",
+    "Int4WeightOnlyConfig",
+    "Int8Linear",
+    "Int8WeightOnlyConfig",
+    "QuantConfig",
+    "QuantizedLinear",
+    "W8A8Config",
+    "W8A8Linear",
+    "calibration_ids",
+    "dequantize_fp8",
+    "dequantize_int4",
+    "dequantize_int8",
+    "gptq_quantize",
+    "is_quantized",
+    "load_quantized",
+    "pack_int4",
+    "quant_config_of",
+    "quantize_fp8",
+    "quantize_int4",
+    "quantize_int8",
+    "quantize_model",
+    "quantize_weight",
+    "save_quantized",
+    "select_targets",
+    "sqnr_db",
+    "unpack_int4",
+]
+
+#: ``wrap_model(quant=<alias>)`` values and the default configs they build.
+ALIASES = {
+    "int8": Int8WeightOnlyConfig,
+    "int4": lambda: Int4WeightOnlyConfig(method="rtn"),
+    "int4-awq": lambda: Int4WeightOnlyConfig(method="awq"),
+    "int4-gptq": lambda: Int4WeightOnlyConfig(method="gptq"),
+    "w8a8": W8A8Config,
+    "fp8": FP8Config,
+}
+
+register_option(
+    "quant", QuantConfig, ALIASES,
+    description="quantize nn.Linear weights (int8, int4 rtn/awq/gptq) or weights+activations "
+    "(w8a8, fp8)",
+)
+
+
+def _handle(model: nn.Module, config: QuantConfig) -> None:
+    # Calibrated methods find a tokenizer in the model's local directory; use
+    # quantize_model(..., tokenizer=..., calib_input_ids=...) to supply calibration directly.
+    quantize_model(model, config)
+
+
+for _cfg in (Int8WeightOnlyConfig, Int4WeightOnlyConfig, W8A8Config, FP8Config):
+    register_handler(_cfg)(_handle)

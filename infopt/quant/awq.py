@@ -1,0 +1,155 @@
+"""AWQ (activation-aware weight quantization, Lin et al., 2023) and SmoothQuant smoothing.
+
+Both rescale a linear's input channels: ``y = x W^T = (x / s) (W diag(s))^T``. The ``1 / s``
+is folded into the op that produces ``x`` when the block structure allows it (see
+:func:`~infopt.quant.structure.find_fold`), otherwise it stays as an explicit ``in_scale``
+multiplier in the quantized module.
+
+AWQ search (per input group, i.e. linears sharing one input): for alpha on a grid in [0, 1),
+``s = mean|X|^alpha`` (normalised so ``max(s) * min(s) = 1``), and the output error of the
+fake-quantized group ``E(s) = sum_i tr(D_i C D_i^T)`` with ``D_i = Q(W_i diag(s)) diag(s)^-1
+- W_i`` and ``C = X^T X / T`` is minimised. Because ``C`` accumulates *all* calibration tokens,
+the search is exact over the calibration set at ``O(N K^2)`` per candidate, no token
+subsampling. The optional clip search then shrinks each (row, group) range by a ratio in
+``{1, 0.95, ..., 0.55}`` minimising that group's share of the output error,
+``d_g^T C_gg d_g``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .calibrated import InputStats, collect_stats
+from .formats import fake_quantize_int4, num_groups
+from .modules import Int4Linear, W8A8Linear
+from .structure import BlockInputs, apply_fold, find_fold
+
+__all__ = ["awq_block", "awq_clip_ratios", "awq_search_scale", "smooth_block", "smoothquant_scale"]
+
+_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))
+
+
+def _output_error(delta: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``tr(D C D^T)`` = mean squared output error of weight error ``D [N, K]``."""
+    return ((delta @ cov) * delta).sum()
+
+
+@torch.no_grad()
+def awq_search_scale(
+    weights: list[torch.Tensor], stats: InputStats, group_size: int, grid: int = 20
+) -> tuple[torch.Tensor, float]:
+    """Best per-input-channel scale ``s [K]`` for a group of weights ``[N_i, K]`` sharing input.
+
+    Returns ``(s, alpha)``; ``alpha = 0`` means ``s = 1`` (no rescaling helps).
+    """
+    if stats.cov is None:
+        raise ValueError("AWQ needs the input covariance (collect_stats(with_cov=True))")
+    ws = [w.float() for w in weights]
+    x_mean = stats.mean_abs.float().clamp_min(1e-4)
+    best = (float("inf"), torch.ones_like(x_mean), 0.0)
+    for j in range(grid):
+        alpha = j / grid
+        s = x_mean.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(
+            _output_error(fake_quantize_int4(w * s, group_size) / s - w, stats.cov) for w in ws
+        )
+        if float(err) < best[0]:
+            best = (float(err), s, alpha)
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def awq_clip_ratios(weight: torch.Tensor, cov: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-(row, group) range shrink ratios ``[N, G]`` minimising each group's output error."""
+    w = weight.float()
+    n, k = w.shape
+    g = num_groups(k, group_size)
+    pad = g * group_size - k
+    # Diagonal blocks C_gg [G, gs, gs] (ragged tail zero-padded, which adds zero error).
+    cp = torch.nn.functional.pad(cov.float(), (0, pad, 0, pad))
+    cgg = torch.stack([cp[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
+                       for i in range(g)])
+    best_err = torch.full((n, g), float("inf"), device=w.device)
+    best_ratio = torch.ones(n, g, device=w.device)
+    for r in _CLIP_RATIOS:
+        d = fake_quantize_int4(w, group_size, clip_ratio=r) - w
+        d = torch.nn.functional.pad(d, (0, pad)).reshape(n, g, group_size)
+        err = torch.einsum("ngi,gij,ngj->ng", d, cgg, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+    return best_ratio
+
+
+def _apply_scale(
+    block: nn.Module, group: list[str], s: torch.Tensor, chunks: BlockInputs
+) -> torch.Tensor | None:
+    """Fold ``s`` into the group's producer if possible; returns the explicit ``in_scale``
+    (``1 / s``) the group's modules must keep when no fold is possible, else None."""
+    mods = dict(block.named_modules())
+    prev = find_fold(block, group, *chunks[0])
+    if prev is not None:
+        apply_fold(block, prev, group, s)
+        return None
+    for name in group:
+        mods[name].weight.mul_(s.to(mods[name].weight)[None, :])
+    return 1.0 / s
+
+
+@torch.no_grad()
+def awq_block(
+    block: nn.Module, groups: list[list[str]], chunks: BlockInputs, *, group_size: int,
+    grid: int = 20, clip: bool = True,
+) -> dict[str, nn.Module]:
+    """AWQ for one block: search + apply scales for every group, then clip-search + quantize."""
+    mods = dict(block.named_modules())
+    stats = collect_stats(block, groups, chunks, with_cov=True)
+    plans = []
+    # Scales first for every group (folds edit producers, which may be other groups'
+    # linears; a per-row rescale commutes with per-row quantization), quantize afterwards.
+    for group, st in zip(groups, stats):
+        s, alpha = awq_search_scale([mods[n].weight for n in group], st, group_size, grid)
+        in_scale = None if alpha == 0.0 else _apply_scale(block, group, s, chunks)
+        # The group now sees x / s: its covariance is C / (s s^T).
+        cov = st.cov if alpha == 0.0 else st.cov / (s[:, None] * s[None, :])
+        plans.append((group, cov, in_scale))
+    new: dict[str, nn.Module] = {}
+    for group, cov, in_scale in plans:
+        for name in group:
+            lin = mods[name]
+            ratio = awq_clip_ratios(lin.weight, cov, group_size) if clip else None
+            new[name] = Int4Linear.from_linear(lin, group_size, in_scale=in_scale, clip_ratio=ratio)
+    return new
+
+
+# ------------------------------------------------------------------------------ SmoothQuant
+
+
+@torch.no_grad()
+def smoothquant_scale(
+    weights: list[torch.Tensor], act_abs_max: torch.Tensor, alpha: float = 0.5
+) -> torch.Tensor:
+    """``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` over all weights ``[N_i, K]``; ``[K]``."""
+    w_max = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+    s = act_abs_max.float().clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+@torch.no_grad()
+def smooth_block(
+    block: nn.Module, groups: list[list[str]], chunks: BlockInputs, *, alpha: float = 0.5
+) -> dict[str, nn.Module]:
+    """SmoothQuant W8A8 for one block: smooth every group, then int8-quantize its weights."""
+    mods = dict(block.named_modules())
+    stats = collect_stats(block, groups, chunks, with_cov=False)
+    plans = []
+    for group, st in zip(groups, stats):
+        s = smoothquant_scale([mods[n].weight for n in group], st.abs_max, alpha)
+        plans.append((group, _apply_scale(block, group, s, chunks)))
+    return {
+        name: W8A8Linear.from_linear(mods[name], in_scale=in_scale)
+        for group, in_scale in plans
+        for name in group
+    }

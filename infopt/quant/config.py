@@ -1,0 +1,195 @@
+"""Quantization configs: frozen, versioned, JSON round-trippable (see :mod:`infopt.config`).
+
+``QuantConfig`` is the base that the ``quant=`` option of :func:`infopt.wrap_model` accepts;
+use one of its subclasses. Fields common to all:
+
+* ``include``: glob patterns over dotted module names selecting what to quantize (default
+  every ``nn.Linear``). A pattern without glob characters names one module, which must be an
+  ``nn.Linear`` (else ``TypeError``); glob patterns silently pass over non-Linear modules.
+* ``skip``: patterns never quantized (default ``("lm_head",)``; embeddings are never
+  ``nn.Linear`` so they are untouched anyway).
+* ``calib_samples`` x ``calib_seq_len`` tokens of ``calib_text`` sampled with ``seed``; only
+  used by calibrated methods (AWQ, GPTQ, W8A8). ``"lee"`` (default) is the second half of the
+  Lee news corpus, disjoint from the evaluation text (the corpus' first few thousand
+  tokens); ``"pydoc"`` is CPython documentation prose (offline, but another domain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import InfoptConfig, register_config
+from .formats import GROUP_SIZES
+
+__all__ = [
+    "CALIB_TEXTS",
+    "INT4_METHODS",
+    "FP8Config",
+    "Int4WeightOnlyConfig",
+    "Int8WeightOnlyConfig",
+    "QuantConfig",
+    "W8A8Config",
+]
+
+INT4_METHODS = ("rtn", "awq", "gptq")
+CALIB_TEXTS = ("lee", "pydoc")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, *, high_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)  # a bare string is one pattern, not a sequence of characters
+    if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a tuple of glob pattern strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig(InfoptConfig):
+    """Base class of every quantization config (not usable on its own)."""
+
+    include: tuple[str, ...] = ("*",)
+    skip: tuple[str, ...] = ("lm_head",)
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    calib_text: str = "lee"
+    seed: int = 0
+
+    #: short format name shown in reprs and used by save/load
+    FORMAT = "none"
+    #: True if the method needs calibration activations
+    CALIBRATED = False
+
+    def __post_init__(self) -> None:
+        if type(self) is QuantConfig:
+            raise TypeError(
+                "QuantConfig is the base class; use Int8WeightOnlyConfig, Int4WeightOnlyConfig, "
+                "W8A8Config or FP8Config"
+            )
+        # Frozen dataclass: normalise lists (from JSON) / strings to tuples in place.
+        object.__setattr__(self, "include", _patterns("include", self.include))
+        object.__setattr__(self, "skip", _patterns("skip", self.skip))
+        _check_int("calib_samples", self.calib_samples, 1)
+        _check_int("calib_seq_len", self.calib_seq_len, 2)
+        _check_int("seed", self.seed, 0)
+        if self.calib_text not in CALIB_TEXTS:
+            raise ValueError(f"calib_text must be one of {CALIB_TEXTS}, got {self.calib_text!r}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.CALIBRATED
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class Int8WeightOnlyConfig(QuantConfig):
+    """int8 weights, symmetric per output channel; activations stay in the model dtype."""
+
+    VERSION = 1
+    FORMAT = "int8"
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class Int4WeightOnlyConfig(QuantConfig):
+    """int4 weights, asymmetric, group-wise along K; activations stay in the model dtype.
+
+    Attributes:
+        group_size: 32, 64 or 128 input columns per (scale, zero) pair.
+        method: ``"rtn"`` (round to nearest), ``"awq"`` (activation-aware scaling + clip
+            search) or ``"gptq"`` (Hessian-based error compensation).
+        act_order: GPTQ only: quantize columns in order of decreasing Hessian diagonal. Group
+            parameters are then computed up front on the original column order ("static
+            groups") so the packed layout stays the standard one.
+        damp: GPTQ only: damping added to the Hessian diagonal, as a fraction of its mean.
+        block_size: GPTQ only: columns per lazy-batch update block (a multiple of group_size).
+        awq_grid: AWQ only: number of alpha values searched in [0, 1).
+        awq_clip: AWQ only: also search a per-group range-shrink ratio.
+        max_tokens: AWQ only: calibration tokens per layer kept for the searches.
+    """
+
+    VERSION = 1
+    FORMAT = "int4"
+
+    group_size: int = 128
+    method: str = "rtn"
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    awq_grid: int = 20
+    awq_clip: bool = True
+    max_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        if self.method not in INT4_METHODS:
+            raise ValueError(f"method must be one of {INT4_METHODS}, got {self.method!r}")
+        if not isinstance(self.act_order, bool):
+            raise TypeError(f"act_order must be a bool, got {self.act_order!r}")
+        if self.act_order and self.method != "gptq":
+            raise ValueError(f"act_order=True only applies to method='gptq', got {self.method!r}")
+        _check_float("damp", self.damp, 0.0, 1.0, high_open=False)
+        _check_int("block_size", self.block_size, 1)
+        if self.block_size % self.group_size:
+            raise ValueError(
+                f"block_size ({self.block_size}) must be a multiple of group_size "
+                f"({self.group_size}) so groups never straddle GPTQ blocks"
+            )
+        _check_int("awq_grid", self.awq_grid, 1)
+        if not isinstance(self.awq_clip, bool):
+            raise TypeError(f"awq_clip must be a bool, got {self.awq_clip!r}")
+        _check_int("max_tokens", self.max_tokens, 16)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn"
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class W8A8Config(QuantConfig):
+    """SmoothQuant W8A8: int8 per-channel weights, dynamic per-token int8 activations.
+
+    Attributes:
+        alpha: migration strength in [0, 1]; smoothing ``s_j = max|X_j|^alpha /
+            max|W_j|^(1 - alpha)`` is folded into the previous norm / linear when the block
+            structure allows, else kept as an explicit per-input-channel multiplier.
+    """
+
+    VERSION = 1
+    FORMAT = "w8a8"
+    CALIBRATED = True
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_float("alpha", self.alpha, 0.0, 1.0, high_open=False)
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class FP8Config(QuantConfig):
+    """fp8 e4m3 weights (per-output-channel scale) and per-token dynamic fp8 activations.
+
+    Native on CUDA sm_89+; elsewhere emulated in fp32 (the modules report ``emulated=True``
+    and warn once).
+    """
+
+    VERSION = 1
+    FORMAT = "fp8"

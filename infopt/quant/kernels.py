@@ -1,0 +1,87 @@
+"""The single indirection point between quantized modules and matmul kernels.
+
+Every quantized module's forward calls one of the ``linear_*`` functions below. Today they
+call the pure-torch references in :mod:`infopt.ops.quant_ref`; switching the whole quant
+package to the registered fast kernels (``infopt.ops.<op>(..., backend=...)``) means editing
+only this file. Shapes: ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; see ``quant_ref`` for the
+weight layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import quant_ref as _ref
+
+__all__ = [
+    "fp8_native_available",
+    "fp8_native_ok",
+    "linear_fp8",
+    "linear_int4",
+    "linear_int8",
+    "linear_w8a8",
+]
+
+
+def linear_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """int8 weight-only: ``qweight int8 [N, K]``, ``scale [N]``."""
+    return _ref.int8_weight_only_linear(x, qweight, scale, bias)
+
+
+def linear_int4(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """int4 weight-only: ``qweight uint8 [N, ceil(K/2)]``, ``scale/zero [N, G]``."""
+    return _ref.int4_weight_only_linear(x, qweight, scale, zero, group_size, bias)
+
+
+def linear_w8a8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8: dynamic per-token int8 activations, ``qweight int8 [N, K]``, ``scale [N]``."""
+    return _ref.int8_dynamic_linear(x, qweight, scale, bias)
+
+
+def fp8_native_available(device: torch.device | str) -> bool:
+    """True where fp8 GEMMs run natively: CUDA devices of compute capability 8.9+ (Ada,
+    Hopper, Blackwell) with ``torch._scaled_mm``. Everywhere else fp8 is emulated."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_native_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True if this call would take the native fp8 path (device + K, N multiples of 16)."""
+    n, k = weight.shape
+    return fp8_native_available(x.device) and k % 16 == 0 and n % 16 == 0
+
+
+def linear_fp8(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """fp8 e4m3 weights ``[N, K]``, ``scale [N]``, per-token dynamic fp8 activations.
+
+    Native ``torch._scaled_mm`` (row-wise scales, bf16 output) on sm_89+ CUDA devices;
+    otherwise the fp32 emulation in ``quant_ref.fp8_linear``. The two agree up to the bf16
+    rounding of the native output.
+    """
+    if not fp8_native_ok(x, weight):
+        return _ref.fp8_linear(x, weight, scale, bias)
+    k = weight.shape[1]
+    xq, xs = _ref.quantize_per_token_fp8(x.reshape(-1, k))
+    # weight [N, K] row-major is exactly the column-major [K, N] operand _scaled_mm expects.
+    y = torch._scaled_mm(
+        xq, weight.t(), scale_a=xs[:, None], scale_b=scale.float()[None, :],
+        out_dtype=torch.bfloat16,
+    ).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,272 @@
+"""Quantized drop-in replacements for ``nn.Linear``.
+
+Each module holds its quantized weight as buffers, keeps the bias in the model's dtype, and
+computes ``y [..., N]`` from ``x [..., K]`` in ``x``'s dtype through :mod:`.kernels` (the one
+place that picks a matmul implementation). An optional ``in_scale [K]`` buffer is an explicit
+per-input-channel multiplier applied to ``x`` first: AWQ / SmoothQuant scales that could not
+be folded into a previous op.
+
+``spec()`` returns the JSON-able constructor arguments so :mod:`.serialization` can rebuild an
+empty module of the right shape before loading a state dict.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+from .formats import check_group_size, num_groups, quantize_fp8, quantize_int4, quantize_int8
+
+__all__ = [
+    "FP8Linear",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantizedLinear",
+    "W8A8Linear",
+    "quantized_module_types",
+]
+
+
+class QuantizedLinear(nn.Module):
+    """Base class: shapes, bias, optional explicit input multiplier, (de)serialisable spec."""
+
+    FORMAT: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        has_in_scale: bool = False,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        # Bias stays a float buffer in the model's dtype (never quantized).
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
+        self.register_buffer("in_scale", torch.ones(in_features) if has_in_scale else None)
+
+    # -- construction helpers -------------------------------------------------------------
+
+    def _init_from_linear(self, linear: nn.Linear, in_scale: torch.Tensor | None) -> None:
+        if linear.bias is not None:
+            self.bias = linear.bias.detach().clone()
+        if in_scale is not None:
+            self.in_scale = in_scale.detach().float().clone()
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor kwargs (plus ``format``) to rebuild this module empty."""
+        return {
+            "format": self.FORMAT,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "has_in_scale": self.in_scale is not None,
+            "bias_dtype": str(self.bias.dtype if self.bias is not None else torch.float32),
+        }
+
+    @staticmethod
+    def from_spec(spec: dict[str, Any]) -> QuantizedLinear:
+        """Empty module (zeros) of the class and shape described by :meth:`spec`."""
+        kwargs = dict(spec)
+        fmt = kwargs.pop("format")
+        cls = quantized_module_types().get(fmt)
+        if cls is None:
+            known = sorted(quantized_module_types())
+            raise ValueError(f"unknown quantized format {fmt!r}; known: {known}")
+        kwargs["bias_dtype"] = getattr(torch, kwargs["bias_dtype"].removeprefix("torch."))
+        return cls(**kwargs)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _prescale(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.in_scale is None else x * self.in_scale.to(x.dtype)
+
+    def _format_repr(self) -> str:
+        return self.FORMAT
+
+    def extra_repr(self) -> str:
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, format={self._format_repr()}"
+        )
+        if self.in_scale is not None:
+            s += ", in_scale=per-channel"
+        return s
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight-only. Buffers: ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``."""
+
+    FORMAT = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, **kw)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        weight: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None,
+    ) -> Int8Linear:
+        """Quantize ``weight`` (default ``linear.weight``; pass a pre-scaled one for AWQ-like
+        methods together with the matching ``in_scale``)."""
+        w = linear.weight if weight is None else weight
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  has_in_scale=in_scale is not None, bias_dtype=linear.weight.dtype)
+        mod._init_from_linear(linear, in_scale)
+        mod.qweight, mod.scale = quantize_int8(w.detach())
+        return mod.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int8(self._prescale(x), self.qweight, self.scale, self.bias)
+
+    def _format_repr(self) -> str:
+        return "int8 per-channel symmetric"
+
+
+class W8A8Linear(Int8Linear):
+    """SmoothQuant W8A8: same buffers as :class:`Int8Linear`, but activations are quantized
+    per token to int8 on the fly and multiplied in int8 x int8 -> int32."""
+
+    FORMAT = "w8a8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_w8a8(self._prescale(x), self.qweight, self.scale, self.bias)
+
+    def _format_repr(self) -> str:
+        return "w8a8 (int8 per-channel weights, int8 per-token dynamic activations)"
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight-only, asymmetric, group-wise along K.
+
+    Buffers: ``qweight`` uint8 ``[N, ceil(K/2)]`` (low nibble = even k, see
+    :func:`~infopt.quant.formats.pack_int4`), ``scale`` fp32 ``[N, G]``, ``zero`` uint8 ``[N, G]``
+    with ``G = ceil(K / group_size)``.
+    """
+
+    FORMAT = "int4"
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+        **kw: Any,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, **kw)
+        self.group_size = check_group_size(group_size)
+        g = num_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8)
+        )
+        self.register_buffer("scale", torch.ones(out_features, g))
+        self.register_buffer("zero", torch.zeros(out_features, g, dtype=torch.uint8))
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 128, weight: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None, clip_ratio: torch.Tensor | None = None,
+    ) -> Int4Linear:
+        """RTN-quantize ``weight`` (default ``linear.weight``) with optional per-group clip."""
+        w = linear.weight if weight is None else weight
+        qweight, scale, zero = quantize_int4(w.detach(), group_size, clip_ratio)
+        return cls.from_quantized(linear, qweight, scale, zero, group_size, in_scale)
+
+    @classmethod
+    def from_quantized(
+        cls, linear: nn.Linear, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+        group_size: int, in_scale: torch.Tensor | None = None,
+    ) -> Int4Linear:
+        """Wrap already-quantized tensors (e.g. from GPTQ) with ``linear``'s bias."""
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                  has_in_scale=in_scale is not None, bias_dtype=linear.weight.dtype)
+        mod._init_from_linear(linear, in_scale)
+        if qweight.shape != mod.qweight.shape or scale.shape != mod.scale.shape:
+            raise ValueError(
+                f"quantized shapes {tuple(qweight.shape)}/{tuple(scale.shape)} do not match "
+                f"{tuple(mod.qweight.shape)}/{tuple(mod.scale.shape)}"
+            )
+        mod.qweight, mod.scale, mod.zero = qweight, scale.float(), zero.to(torch.uint8)
+        return mod.to(linear.weight.device)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "group_size": self.group_size}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int4(
+            self._prescale(x), self.qweight, self.scale, self.zero, self.group_size, self.bias
+        )
+
+    def _format_repr(self) -> str:
+        return f"int4 asymmetric g{self.group_size} (packed uint8 [N, ceil(K/2)])"
+
+
+class FP8Linear(QuantizedLinear):
+    """fp8 e4m3 weights with per-output-channel scale and per-token fp8 activations.
+
+    Buffers: ``weight_fp8`` uint8 ``[N, K]`` holding the float8_e4m3fn bit patterns (a uint8
+    buffer survives ``model.to(dtype)``, which would otherwise cast a float8 buffer to the new
+    float dtype), ``scale`` fp32 ``[N]``. ``emulated`` is True when the last forward ran the
+    fp32 emulation rather than a native fp8 GEMM; the first emulated forward warns once.
+    """
+
+    FORMAT = "fp8"
+    _warned: ClassVar[bool] = False
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, **kw)
+        self.register_buffer(
+            "weight_fp8", torch.zeros(out_features, in_features, dtype=torch.uint8)
+        )
+        self.register_buffer("scale", torch.ones(out_features))
+        self.emulated = not kernels.fp8_native_available(self.weight_fp8.device)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        weight: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None,
+    ) -> FP8Linear:
+        w = linear.weight if weight is None else weight
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  has_in_scale=in_scale is not None, bias_dtype=linear.weight.dtype)
+        mod._init_from_linear(linear, in_scale)
+        w8, mod.scale = quantize_fp8(w.detach())
+        mod.weight_fp8 = w8.view(torch.uint8)
+        mod = mod.to(linear.weight.device)
+        mod.emulated = not kernels.fp8_native_available(linear.weight.device)
+        return mod
+
+    @property
+    def weight_e4m3(self) -> torch.Tensor:
+        """The weight as float8_e4m3fn ``[N, K]`` (a view, no copy)."""
+        return self.weight_fp8.view(torch.float8_e4m3fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_e4m3
+        self.emulated = not kernels.fp8_native_ok(x, w)
+        if self.emulated and not FP8Linear._warned:
+            FP8Linear._warned = True
+            warnings.warn(
+                f"infopt FP8Linear: no native fp8 GEMM on {x.device} (needs CUDA sm_89+ and "
+                "K, N multiples of 16); fp8 weights and activations are EMULATED "
+                "(quantize -> dequantize in fp32): quality is fp8's, speed is not",
+                RuntimeWarning, stacklevel=2,
+            )
+        return kernels.linear_fp8(self._prescale(x), w, self.scale, self.bias)
+
+    def _format_repr(self) -> str:
+        return f"fp8 e4m3 per-channel, per-token fp8 activations, emulated={self.emulated}"
+
+
+def quantized_module_types() -> dict[str, type[QuantizedLinear]]:
+    """``{format name: module class}`` for every quantized linear."""
+    return {c.FORMAT: c for c in (Int8Linear, Int4Linear, W8A8Linear, FP8Linear)}

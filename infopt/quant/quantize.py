@@ -1,0 +1,180 @@
+"""``quantize_model``: the full-featured entry point (``wrap_model(quant=...)`` calls it).
+
+Picks the target linears (``include`` / ``skip`` patterns), gets calibration token ids when
+the method needs them, runs the method and records the config on the model for
+:func:`~infopt.quant.save_quantized`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..modules import matches_any, replace_modules
+from .awq import awq_block, smooth_block
+from .calibrated import collect_stats, run_sequential
+from .calibration import calibration_ids, resolve_tokenizer
+from .config import (
+    FP8Config,
+    Int4WeightOnlyConfig,
+    Int8WeightOnlyConfig,
+    QuantConfig,
+    W8A8Config,
+)
+from .gptq import gptq_quantize
+from .modules import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
+from .structure import BlockInputs
+
+__all__ = ["QUANT_ATTR", "is_quantized", "quant_config_of", "quantize_model", "select_targets"]
+
+# Attribute holding the applied QuantConfig's to_dict() on a quantized model.
+QUANT_ATTR = "_infopt_quant_config"
+_GLOB_CHARS = set("*?[")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True if any submodule is an infopt quantized linear."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def quant_config_of(model: nn.Module) -> QuantConfig | None:
+    """The config ``model`` was quantized with (None if it was not quantized by infopt)."""
+    d = getattr(model, QUANT_ATTR, None)
+    return None if d is None else QuantConfig.from_dict(d)
+
+
+def select_targets(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Dotted names of the ``nn.Linear`` modules to quantize, in module order.
+
+    Raises:
+        ValueError: a literal include pattern names no module, or nothing is selected.
+        TypeError: a literal include pattern names a module that is not ``nn.Linear``.
+    """
+    named = dict(model.named_modules())
+    for pattern in config.include:
+        if _GLOB_CHARS & set(pattern):
+            continue
+        if pattern not in named:
+            raise ValueError(f"include pattern {pattern!r} names no module of the model")
+        if not isinstance(named[pattern], nn.Linear):
+            raise TypeError(
+                f"include pattern {pattern!r} selects a {type(named[pattern]).__name__}; only "
+                "nn.Linear modules can be quantized"
+            )
+    targets = [
+        n for n, m in named.items()
+        if n and isinstance(m, nn.Linear) and matches_any(n, config.include)
+        and not matches_any(n, config.skip)
+    ]
+    if not targets:
+        raise ValueError(
+            f"no nn.Linear matches include={list(config.include)} minus skip={list(config.skip)}"
+        )
+    return targets
+
+
+def _rtn_module(config: QuantConfig, linear: nn.Linear) -> nn.Module:
+    """Calibration-free quantization of one linear in ``config``'s format."""
+    if isinstance(config, Int8WeightOnlyConfig):
+        return Int8Linear.from_linear(linear)
+    if isinstance(config, Int4WeightOnlyConfig):
+        return Int4Linear.from_linear(linear, config.group_size)
+    if isinstance(config, FP8Config):
+        return FP8Linear.from_linear(linear)
+    if isinstance(config, W8A8Config):
+        return W8A8Linear.from_linear(linear)  # outside blocks: no smoothing
+    raise TypeError(f"unsupported quant config {type(config).__name__}")
+
+
+def _gptq_block(
+    block: nn.Module, groups: list[list[str]], chunks: BlockInputs, *, config: Int4WeightOnlyConfig
+) -> dict[str, nn.Module]:
+    mods = dict(block.named_modules())
+    new: dict[str, nn.Module] = {}
+    for group, st in zip(groups, collect_stats(block, groups, chunks, with_cov=True)):
+        hessian = 2.0 * st.cov
+        for name in group:
+            lin = mods[name]
+            qweight, scale, zero = gptq_quantize(
+                lin.weight, hessian, config.group_size, damp=config.damp,
+                block_size=config.block_size, act_order=config.act_order,
+            )
+            new[name] = Int4Linear.from_quantized(lin, qweight, scale, zero, config.group_size)
+    return new
+
+
+def _as_config(config: Any) -> QuantConfig:
+    if isinstance(config, QuantConfig):
+        return config
+    from ..api import parse_option
+
+    return parse_option("quant", config)  # alias string or to_dict() dict
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig | str | dict = "int8",
+    *,
+    calib_input_ids: torch.Tensor | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model``'s linears in place and return it.
+
+    Args:
+        model: an ``nn.Module`` (typically a HF causal LM); must not be quantized already.
+        config: a :class:`QuantConfig`, an alias (``"int8"``, ``"int4"``, ``"int4-awq"``,
+            ``"int4-gptq"``, ``"w8a8"``, ``"fp8"``) or a config ``to_dict()``.
+        calib_input_ids: int64 ``[n, L]`` calibration token ids for AWQ / GPTQ / W8A8;
+            default: ``config.calib_samples`` windows of ``config.calib_seq_len`` tokens of
+            ``config.calib_text`` tokenized with ``tokenizer``.
+        tokenizer: used only to build the default calibration ids; default: the tokenizer
+            saved in the model's local ``config.name_or_path`` directory.
+        progress: show a tqdm bar over blocks for calibrated methods.
+    """
+    config = _as_config(config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if is_quantized(model) or getattr(model, QUANT_ATTR, None) is not None:
+        raise ValueError(
+            "model is already quantized (it contains infopt quantized linears); quantize the "
+            "original floating-point model instead"
+        )
+    targets = select_targets(model, config)
+
+    rest = targets
+    if config.calibrated:
+        if calib_input_ids is None:
+            tok = resolve_tokenizer(model, tokenizer)
+            calib_input_ids = calibration_ids(
+                tok, config.calib_samples, config.calib_seq_len, config.seed, config.calib_text
+            )
+        calib_input_ids = torch.as_tensor(calib_input_ids, dtype=torch.long)
+        if calib_input_ids.dim() != 2:
+            raise ValueError(
+                f"calib_input_ids must be [n_samples, seq_len], got {tuple(calib_input_ids.shape)}"
+            )
+        if isinstance(config, W8A8Config):
+            fn, desc = functools.partial(smooth_block, alpha=config.alpha), "SmoothQuant"
+        elif config.method == "gptq":
+            fn, desc = functools.partial(_gptq_block, config=config), "GPTQ"
+        else:
+            fn = functools.partial(
+                awq_block, group_size=config.group_size, grid=config.awq_grid, clip=config.awq_clip
+            )
+            desc = "AWQ"
+        was_training = model.training
+        model.eval()
+        try:
+            rest = run_sequential(model, targets, calib_input_ids, fn, desc=desc, progress=progress)
+        finally:
+            model.train(was_training)
+
+    rest_set = set(rest)
+    replace_modules(model, lambda m, n: n in rest_set, lambda m, n: _rtn_module(config, m))
+    setattr(model, QUANT_ATTR, config.to_dict())
+    return model

@@ -1,0 +1,137 @@
+"""Versioned ``wrap_model(spec=...)`` configs.
+
+A draft model object cannot live in a JSON config, so :class:`DraftModelConfig` names a model
+from the infopt registry (or a local path) and is loaded by :meth:`DraftModelConfig.build`;
+to use a model object directly see :func:`infopt.speculative.attach_draft`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import InfoptConfig, register_config
+
+
+@register_config
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpecConfig(InfoptConfig):
+    """Base of the speculative-decoding configs (the ``spec=`` option).
+
+    Attributes:
+        num_draft_tokens: initial draft length ``k`` (>= 0; 0 = plain decoding).
+        max_draft_tokens: adaptive upper bound (None: ``2 * num_draft_tokens``).
+        adaptive: grow ``k`` after full acceptance, shrink after early rejection.
+    """
+
+    VERSION = 1
+    num_draft_tokens: int = 4
+    max_draft_tokens: int | None = None
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        check_draft_length(self.num_draft_tokens, "num_draft_tokens")
+        if self.max_draft_tokens is not None:
+            check_draft_length(self.max_draft_tokens, "max_draft_tokens")
+
+    def build(self, target: nn.Module) -> Any:
+        """A fresh :class:`~infopt.speculative.drafts.DraftSource` for ``target``."""
+        raise TypeError(f"{type(self).__name__} is abstract; use a concrete spec config")
+
+
+def check_draft_length(n: Any, name: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class PromptLookupConfig(SpecConfig):
+    """Prompt-lookup (n-gram) drafting: no extra model. ``max_ngram``..``min_ngram`` is the
+    suffix length searched for in the context."""
+
+    VERSION = 1
+    max_ngram: int = 3
+    min_ngram: int = 1
+    # Lookup drafts are free to produce, so longer ones pay off (kw_only like the base's).
+    num_draft_tokens: int = dataclasses.field(default=8, kw_only=True)
+    max_draft_tokens: int | None = dataclasses.field(default=16, kw_only=True)
+
+    def build(self, target: nn.Module) -> Any:
+        from .drafts import PromptLookupDraft
+
+        return PromptLookupDraft(self.max_ngram, self.min_ngram)
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class LayerSkipConfig(SpecConfig):
+    """Self-speculative drafting with the target's own layers minus ``skip`` (0-based decoder
+    layer indices). Empty ``skip``: ``skip_every=0`` skips a middle block of ``n // 6`` layers,
+    ``skip_every >= 2`` every ``skip_every``-th layer except the first and the last (see
+    :func:`infopt.speculative.drafts.default_skip`)."""
+
+    VERSION = 1
+    skip: tuple[int, ...] = ()
+    skip_every: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.skip_every, int) or self.skip_every == 1 or self.skip_every < 0:
+            raise ValueError(
+                f"skip_every must be 0 (middle block) or >= 2, got {self.skip_every!r}"
+            )
+
+    def build(self, target: nn.Module) -> Any:
+        from .drafts import LayerSkipDraft
+
+        return LayerSkipDraft(target, self.skip, self.skip_every)
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class DraftModelConfig(SpecConfig):
+    """A separate draft model, by infopt registry name (``load_model`` names) or local path.
+
+    ``dtype`` (e.g. ``"bfloat16"``) defaults to the target's parameter dtype.
+    """
+
+    VERSION = 1
+    draft_model: str = "qwen2.5-coder-0.5b"
+    dtype: str | None = None
+
+    def load(self, target: nn.Module) -> nn.Module:
+        from ..models import load_model
+
+        p = next(target.parameters(), None)
+        dtype = getattr(torch, self.dtype) if self.dtype else (p.dtype if p is not None else None)
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        model, _ = load_model(self.draft_model, **kwargs)
+        if p is not None:
+            model = model.to(p.device)
+        return model.eval()
+
+    def build(self, target: nn.Module) -> Any:
+        from .decode import check_draft_model
+        from .drafts import ModelDraft
+
+        draft = self.load(target)
+        check_draft_model(target, draft)
+        return ModelDraft(draft)
+
+
+ALIASES = {"prompt_lookup": PromptLookupConfig, "layer_skip": LayerSkipConfig}
+
+
+def alias_config(name: str) -> SpecConfig:
+    """``"prompt_lookup"`` / ``"layer_skip"`` -> the default config of that kind."""
+    factory = ALIASES.get(name)
+    if factory is None:
+        raise ValueError(
+            f"draft={name!r} is not recognised; accepted strings: {', '.join(sorted(ALIASES))} "
+            "(or pass a draft model, a SpecConfig or a DraftSource)"
+        )
+    return factory()

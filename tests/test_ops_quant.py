@@ -1,0 +1,295 @@
+"""infopt.ops quantized linears: every available backend against the quant_ref reference.
+
+Outputs are compared by SQNR against the reference evaluated on fp32 copies of the same inputs
+(the weights are exact, so the only differences are fp32 summation order and the final rounding
+to x's dtype): > 100 dB for fp32 outputs (order-only noise measures ~130 dB; a wrong scale or
+group index gives < 40 dB). A bf16/fp16 output is within one ulp of the exact value (rounding,
+possibly flipped by fp32 order noise): |err| <= 2**-7 (bf16) / 2**-10 (fp16) relative, i.e.
+> 42.1 / 60.2 dB, checked as such, and elementwise against the reference in x's dtype with a
+one-ulp relative tolerance. W8A8 accumulates exactly in int32 and the CPU kernels follow the
+reference's operation order, so they must be bit-identical to it. Triton on CPU runs under the
+interpreter (tests/conftest.py) on small shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ops_utils import assert_finite, run_python, sqnr
+
+from infopt import ops
+from infopt.ops import Backend, BackendUnavailableError, quant_ref
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_SQNR = {torch.float32: 100.0, torch.bfloat16: 42.0, torch.float16: 60.0}
+ULP_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+OPS = ("int8_weight_only_linear", "int4_weight_only_linear", "int8_dynamic_linear")
+# Broad grid for the fast (cpp / cuda) backends, looped inside one test per (op, dtype).
+MS, KS, NS = (1, 3, 16, 33), (1, 7, 64, 576, 577, 1000), (1, 7, 129, 256)
+GROUPS = (32, 64, 128)
+# The Triton interpreter runs each program in numpy: fewer, smaller cases.
+INTERP_CASES = ((1, 7, 7), (3, 577, 129), (16, 64, 1), (33, 1000, 33), (2, 1, 5))
+
+
+def _require(op: str, device: str, backend: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    by_dev = ops.backend_report()[op]["by_device"][device]
+    if backend not in by_dev["available"]:
+        why = by_dev["unavailable"].get(backend, f"{op} has no {backend} backend")
+        pytest.skip(f"{backend} unavailable on {device}: {why}")
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in 0..15 -> [N, ceil(K/2)], low nibble = even k (quant_ref layout)."""
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def make_args(op, m, k, n, dtype, device, bias=True, gs=32, seed=0):
+    """Inputs for ``op``: (x, qweight, scale, [zero, group_size,] bias)."""
+    g = torch.Generator().manual_seed(seed)
+    # Rows of different magnitude, so a per-row (w8a8) scale error can't hide.
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+    b = torch.randn(n, generator=g) if bias else None
+    if op == "int4_weight_only_linear":
+        ng = -(-k // gs)
+        q = pack(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+        s = torch.rand(n, ng, generator=g) * 0.02 + 1e-3
+        z = torch.randint(0, 16, (n, ng), generator=g, dtype=torch.uint8)
+        args = [x, q, s, z, gs, b]
+    else:
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        args = [x, q, torch.rand(n, generator=g) * 0.02 + 1e-3, b]
+    args[0] = x.to(dtype)
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def reference(op, args):
+    return getattr(quant_ref, op)(*args)
+
+
+def check(op, args, got, what=""):
+    """SQNR vs the fp32 reference; bit-exact vs the reference for w8a8 on CPU."""
+    x = args[0]
+    assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], args[1].shape[0]), what
+    assert_finite(got, what)
+    if op == "int8_dynamic_linear" and got.device.type == "cpu":
+        ref = reference(op, args)
+        assert torch.equal(got, ref), f"{what}: max diff {(got.float() - ref.float()).abs().max()}"
+        return
+    ref32 = reference(op, [args[0].float(), *args[1:]])
+    if ref32.abs().max() == 0:
+        assert (got == 0).all(), what
+        return
+    db = sqnr(ref32, got.float())
+    assert db > MIN_SQNR[x.dtype], f"{what}: SQNR {db:.1f} dB"
+    if x.dtype in ULP_RTOL:
+        # atol: fp32 order noise relative to the output scale, for outputs that cancel to ~0.
+        atol = 1e-5 * float(ref32.abs().max())
+        torch.testing.assert_close(
+            got.float(), reference(op, args).float(), rtol=ULP_RTOL[x.dtype], atol=atol,
+            msg=lambda m: f"{what}: {m}",
+        )  # fmt: skip
+
+
+def call(op, args, backend):
+    return getattr(ops, op)(*args, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("device,backend", (("cpu", "cpp"), ("cuda", "cuda")))
+def test_fast_backend_grid(device, backend, op, dtype):
+    _require(op, device, backend)
+    for m in MS:
+        for k in KS:
+            for n in NS:
+                # Group size cycles over the grid (every K meets every size across M and N);
+                # bias alternates the same way.
+                gs = GROUPS[(m + k + n) % len(GROUPS)]
+                bias = (m + k + 2 * n) % 2 == 0
+                args = make_args(op, m, k, n, dtype, device, bias, gs=gs)
+                check(op, args, call(op, args, backend), f"{backend} {op} {m}x{k}x{n} g{gs}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("op", OPS)
+def test_triton(op, dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _require(op, device, "triton")
+    cases = INTERP_CASES if device == "cpu" else [(m, k, n) for m in MS for k in KS for n in NS]
+    for i, (m, k, n) in enumerate(cases):
+        gs = GROUPS[i % len(GROUPS)]
+        args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, gs=gs)
+        check(op, args, call(op, args, "triton"), f"triton {op} {m}x{k}x{n} g{gs}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("float32", "bfloat16"))
+def test_cpp_prefill_path(dtype):
+    """M past the GEMV/prefill crossover (64 rows for int8, 32 for int4): the dequantize-to-fp32
+    + MKL path, including ragged N blocks, odd K and groups the SIMD tiles don't take."""
+    for op in OPS:
+        _require(op, "cpu", "cpp")
+        for m, k, n, gs in ((70, 577, 1100, 32), (130, 1000, 33, 64), (64, 64, 7, 6)):
+            args = make_args(op, m, k, n, dtype, "cpu", bias=m % 2 == 0, gs=gs)
+            check(op, args, call(op, args, "cpp"), f"cpp {op} {m}x{k}x{n} g{gs}")
+
+
+@pytest.mark.parametrize("gs", (2, 6, 16, 48, 256))
+def test_int4_other_group_sizes(gs):
+    """Group sizes the SIMD kernels don't tile (they fall back to the generic path) and one
+    larger than K; for every backend available here."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    op = "int4_weight_only_linear"
+    for backend in ops.backend_report()[op]["by_device"][device]["available"]:
+        for m, k, n in ((1, 100, 9), (5, 577, 3)):
+            args = make_args(op, m, k, n, torch.float32, device, gs=gs)
+            check(op, args, call(op, args, backend), f"{backend} g{gs} {m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_layouts(op):
+    """Non-contiguous x (strided K, transposed leading dims), 3-D and 1-D x, M = 0."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backends = ops.backend_report()[op]["by_device"][device]["available"]
+    k, n = 64, 9
+    base = make_args(op, 6, k, n, torch.float32, device)
+    wide = torch.randn(6, 2 * k, device=device)
+    x3 = torch.randn(5, 3, k, device=device)
+    for x in (wide[:, ::2], wide[:, k:], x3.transpose(0, 1), x3, x3[0, 0], x3[:, :0]):
+        args = [x, *base[1:]]
+        for backend in backends:
+            got = call(op, args, backend)
+            assert got.shape == (*x.shape[:-1], n)
+            if x.numel():
+                check(op, args, got, f"{backend} {op} x{tuple(x.shape)} {x.stride()}")
+
+
+@pytest.mark.parametrize("isa", ("avx2", "scalar"))
+def test_cpp_lower_isa_paths(isa):
+    """The AVX2 and scalar kernels (an AVX-512 box otherwise runs only the AVX-512 ones)."""
+    _require("int8_weight_only_linear", "cpu", "cpp")
+    code = """
+import torch, sys
+sys.path.insert(0, "tests")
+from test_ops_quant import OPS, make_args, check, call
+for op in OPS:
+    for m, k, n in ((1, 577, 129), (4, 1000, 7), (16, 64, 256), (3, 7, 5)):
+        for dt in (torch.float32, torch.bfloat16):
+            args = make_args(op, m, k, n, dt, "cpu", gs=32 if m % 2 else 64)
+            check(op, args, call(op, args, "cpp"), f"{op} {m}x{k}x{n} {dt}")
+print("ok")
+"""
+    out = run_python(code, env={"INFOPT_CPU_ISA": isa})
+    assert "ok" in out
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_cpp(op):
+    _require(op, "cpu", "cpp")
+    opdef = getattr(torch.ops.infopt, op).default
+    for m, k, n, dtype in ((1, 64, 7, torch.float32), (5, 577, 33, torch.bfloat16)):
+        for bias in (True, False):
+            args = make_args(op, m, k, n, dtype, "cpu", bias)
+            torch.library.opcheck(
+                opdef,
+                tuple(args),
+                test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                            "test_aot_dispatch_dynamic"),
+            )  # fmt: skip
+
+
+def test_torch_compile_fullgraph():
+    op = "int4_weight_only_linear"
+    _require(op, "cpu", "cpp")
+    args = make_args(op, 3, 576, 64, torch.bfloat16, "cpu")
+
+    def f(x):
+        return ops.int4_weight_only_linear(x, *args[1:], backend="cpp") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(args[0]), f(args[0]))
+
+
+def test_auto_picks_cpp_on_cpu():
+    for op in OPS:
+        _require(op, "cpu", "cpp")
+        ops.reset_backend_stats()
+        args = make_args(op, 2, 64, 8, torch.float32, "cpu")
+        with ops.use_backend("auto"):
+            getattr(ops, op)(*args)
+        assert ops.backend_report(probe=False)[op]["ran"] == {"cpp": 1}
+
+
+def test_unsupported_inputs_use_reference():
+    op = "int8_weight_only_linear"
+    _require(op, "cpu", "cpp")
+    args = make_args(op, 2, 64, 8, torch.float64, "cpu")
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        call(op, args, Backend.CPP)
+    torch.testing.assert_close(call(op, args, "reference"), reference(op, args))
+    x = args[0].float().requires_grad_()
+    ops.reset_backend_stats()
+    with pytest.warns(RuntimeWarning, match="autograd"):
+        y = ops.int8_weight_only_linear(x, *args[1:])
+    y.sum().backward()
+    assert x.grad is not None
+    with pytest.raises(BackendUnavailableError, match="autograd"):
+        call(op, [x, *args[1:]], "cpp")
+
+
+def _bad(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_validation_names_the_argument():
+    x = torch.randn(2, 64)
+    q8, s = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+    for f in (ops.int8_weight_only_linear, ops.int8_dynamic_linear):
+        _bad(lambda f=f: f(x, q8[:, :63], s), ValueError, r"qweight must have shape \[N, K\]")
+        _bad(lambda f=f: f(x, q8.float(), s), ValueError, "qweight must be int8")
+        _bad(lambda f=f: f(x, q8, s[:7]), ValueError, r"scale must have shape \[N\] = \[8\]")
+        _bad(lambda f=f: f(x, q8, s, torch.ones(9)), ValueError, r"bias must have shape \[N\]")
+        _bad(lambda f=f: f(x.int(), q8, s), ValueError, "x must have a floating dtype")
+        _bad(lambda f=f: f(x, q8, s.int()), ValueError, "scale must have a floating dtype")
+        _bad(lambda f=f: f(x, q8, s.to("meta")), ValueError, "scale must be on x's device")
+        _bad(lambda f=f: f([1.0], q8, s), TypeError, "x must be a torch.Tensor")
+    q4 = torch.zeros(8, 32, dtype=torch.uint8)
+    s4, z4 = torch.ones(8, 2), torch.zeros(8, 2, dtype=torch.uint8)
+    f4 = ops.int4_weight_only_linear
+    f4(x, q4, s4, z4, 32)  # the valid call
+    _bad(lambda: f4(x, q4, s4, z4, 0), ValueError, "group_size must be a positive even")
+    _bad(lambda: f4(x, q4, s4, z4, 31), ValueError, "group_size must be a positive even")
+    _bad(lambda: f4(x, q4, s4, z4, 32.0), TypeError, "group_size must be an int")
+    _bad(lambda: f4(x, q4, s4, z4, True), TypeError, "group_size must be an int")
+    _bad(lambda: f4(x, q4[:, :31], s4, z4, 32), ValueError, r"qweight must have shape \[N, ceil")
+    _bad(lambda: f4(x, q4.to(torch.int8), s4, z4, 32), ValueError, "qweight must be uint8")
+    _bad(lambda: f4(x, q4, s4[:, :1], z4, 32), ValueError, "scale must be a floating")
+    _bad(lambda: f4(x, q4, s4, z4.float(), 32), ValueError, "zero must be a uint8")
+    _bad(lambda: f4(x, q4, s4, z4, 16), ValueError, r"scale must be .*\[8, 4\]")
+    _bad(
+        lambda: ops.int8_dynamic_linear(
+            torch.randn(1, 2**17), torch.zeros(1, 2**17, dtype=torch.int8), torch.ones(1)
+        ),
+        ValueError,
+        "overflow int32",
+    )
+
+
+def test_cpp_op_errors_name_the_argument():
+    """The dispatcher ops check their arguments too (they are public as torch.ops.infopt.*)."""
+    _require("int8_weight_only_linear", "cpu", "cpp")
+    x = torch.randn(2, 64)
+    q8, s = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="qweight must have shape"):
+        torch.ops.infopt.int8_weight_only_linear(x, q8[:, :3], s, None)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        torch.ops.infopt.int8_dynamic_linear(x, q8, s[:3], None)
+    q4, s4, z4 = torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 2)
+    with pytest.raises(RuntimeError, match="zero must be a uint8"):
+        torch.ops.infopt.int4_weight_only_linear(x, q4, s4, z4, 32, None)
+    with pytest.raises(RuntimeError, match="group_size must be a positive even"):
+        torch.ops.infopt.int4_weight_only_linear(x, q4, s4, z4.byte(), 3, None)
