@@ -24,13 +24,17 @@ __all__ = [
     "accepted_options",
     "applied_configs",
     "load_model",
+    "load_quantized",
+    "save_quantized",
     "register_config",
     "register_handler",
     "register_option",
     "wrap_model",
 ]
 
-_LAZY_SUBMODULES = {"ops", "eval", "bench", "models", "cli", "modules"}
+_LAZY_SUBMODULES = {
+    "ops", "eval", "bench", "models", "cli", "modules", "quant", "kvcache", "speculative",
+}
 
 
 def load_model(*args: Any, **kwargs: Any):
@@ -41,6 +45,20 @@ def load_model(*args: Any, **kwargs: Any):
     from .models import load_model as _load_model
 
     return _load_model(*args, **kwargs)
+
+
+def save_quantized(*args: Any, **kwargs: Any):
+    """Save a quantized model as safetensors + config. See :func:`infopt.quant.save_quantized`."""
+    from .quant import save_quantized as _save
+
+    return _save(*args, **kwargs)
+
+
+def load_quantized(*args: Any, **kwargs: Any):
+    """Load what :func:`save_quantized` wrote. See :func:`infopt.quant.load_quantized`."""
+    from .quant import load_quantized as _load
+
+    return _load(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

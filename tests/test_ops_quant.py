@@ -137,6 +137,25 @@ def test_cpp_prefill_path(dtype):
             check(op, args, call(op, args, "cpp"), f"cpp {op} {m}x{k}x{n} g{gs}")
 
 
+def test_cpp_prefill_path_under_inference_mode():
+    """Regression: the prefill path calls ATen (mm_out) from at::parallel_for worker threads,
+    which do not inherit the caller's InferenceMode; writing into an inference tensor there was
+    refused ("Inplace update to inference tensor outside InferenceMode") as soon as more than
+    one thread got a block. infopt.eval runs models under torch.inference_mode()."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for op in OPS:
+            _require(op, "cpu", "cpp")
+            # K = 2048 -> 256-row weight blocks, N = 1100 -> 5 blocks: work for both threads.
+            args = make_args(op, 96, 2048, 1100, torch.float32, "cpu", gs=64)
+            with torch.inference_mode():
+                got = call(op, args, "cpp")
+            check(op, args, got, f"cpp {op} under inference_mode")
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize("gs", (2, 6, 16, 48, 256))
 def test_int4_other_group_sizes(gs):
     """Group sizes the SIMD kernels don't tile (they fall back to the generic path) and one

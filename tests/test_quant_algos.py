@@ -245,13 +245,18 @@ def test_real_model_int8_ppl_within_half_percent(default_model):
 
 @pytest.mark.model
 def test_real_model_awq_and_gptq_beat_rtn_at_g128(default_model):
+    from infopt.eval import compare
+
     model, tok = default_model
-    base = _ppl(model, tok)
     calib = q.calibration_ids(tok, 16, 256, seed=0)  # second half of the Lee corpus
-    inc = {}
-    for method in ("rtn", "awq", "gptq"):
-        cfg = q.Int4WeightOnlyConfig(group_size=128, method=method)
+    res = {}
+    for method, act_order in (("rtn", False), ("awq", False), ("gptq", True)):
+        cfg = q.Int4WeightOnlyConfig(group_size=128, method=method, act_order=act_order)
         qm = q.quantize_model(copy.deepcopy(model), cfg, calib_input_ids=calib, progress=False)
-        inc[method] = _ppl(qm, tok) / base - 1
+        res[method] = compare(model, qm, tok, max_tokens=1024, window=512, prompts=[])
+    inc = {m: r.ppl_rel_increase for m, r in res.items()}
+    kl = {m: r.kl_mean for m, r in res.items()}
     assert inc["rtn"] > 0.02, inc  # the comparison means something only if RTN hurts
-    assert inc["awq"] < inc["rtn"] and inc["gptq"] < inc["rtn"], inc
+    for m in ("awq", "gptq"):
+        assert inc[m] < inc["rtn"], inc
+        assert kl[m] < kl["rtn"], kl

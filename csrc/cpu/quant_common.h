@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -130,7 +131,11 @@ void blocked_dequant_mm(const at::Tensor& xf, int64_t n_total, int64_t k, const 
   const int64_t nb = std::clamp<int64_t>(round_up((1 << 19) / std::max<int64_t>(k, 1), 16), 16,
                                          1024);
   const int64_t blocks = (n_total + nb - 1) / nb;
+  // Worker threads of at::parallel_for do not inherit the caller's InferenceMode; without it,
+  // mm_out into `y` (an inference tensor when called under torch.inference_mode) is refused.
+  const bool inference_mode = c10::InferenceMode::is_enabled();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    c10::InferenceMode guard(inference_mode);
     at::Tensor wb = at::empty({nb, k}, xf.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * nb, n1 = std::min(n_total, n0 + nb);

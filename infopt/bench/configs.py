@@ -136,6 +136,19 @@ register_bench_config(
     BenchConfig("bf16", "HF model loaded in bfloat16, no infopt options", dtype=torch.bfloat16)
 )
 
+# Technique rows: plain wrap_model options on an fp32 model, so each row is "what a user gets
+# from wrap_model(model, <option>)" measured against the unwrapped baseline.
+for _name, _desc, _opts in (
+    ("int8", "quant: int8 weight-only, per-channel (C++ GEMV on CPU)", {"quant": "int8"}),
+    ("int4", "quant: int4 weight-only RTN, group 128", {"quant": "int4"}),
+    ("int4-awq", "quant: int4 AWQ, group 128 (calibrated)", {"quant": "int4-awq"}),
+    ("int4-gptq", "quant: int4 GPTQ + act_order, group 128 (calibrated)", {"quant": "int4-gptq"}),
+    ("w8a8", "quant: SmoothQuant W8A8, dynamic per-token int8 activations", {"quant": "w8a8"}),
+    ("fp8", "quant: fp8 e4m3 weights + activations (emulated on CPU)", {"quant": "fp8"}),
+    ("paged", "kv: paged KV cache + paged attention ops", {"kv": "paged"}),
+):
+    register_bench_config(BenchConfig(_name, _desc, wrap_options=_opts))
+
 
 def _torchao_int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
     # Imported lazily: torchao is an optional peer we compare against, never a dependency.

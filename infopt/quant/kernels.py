@@ -1,9 +1,10 @@
 """The single indirection point between quantized modules and matmul kernels.
 
-Every quantized module's forward calls one of the ``linear_*`` functions below. Today they
-call the pure-torch references in :mod:`infopt.ops.quant_ref`; switching the whole quant
-package to the registered fast kernels (``infopt.ops.<op>(..., backend=...)``) means editing
-only this file. Shapes: ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; see ``quant_ref`` for the
+Every quantized module's forward calls one of the ``linear_*`` functions below, which call the
+registered ops (``infopt.ops.<op>``: backend chosen by ``infopt.ops.use_backend`` / AUTO, i.e.
+the C++ kernels on CPU; ``infopt.ops.quant_ref`` is their reference backend). fp8 has no
+registered op yet: it uses ``torch._scaled_mm`` natively or the fp32 emulation.
+Shapes: ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; see ``quant_ref`` for the
 weight layouts.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops as _ops
 from ..ops import quant_ref as _ref
 
 __all__ = [
@@ -27,7 +29,7 @@ def linear_int8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """int8 weight-only: ``qweight int8 [N, K]``, ``scale [N]``."""
-    return _ref.int8_weight_only_linear(x, qweight, scale, bias)
+    return _ops.int8_weight_only_linear(x, qweight, scale, bias)
 
 
 def linear_int4(
@@ -39,14 +41,14 @@ def linear_int4(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """int4 weight-only: ``qweight uint8 [N, ceil(K/2)]``, ``scale/zero [N, G]``."""
-    return _ref.int4_weight_only_linear(x, qweight, scale, zero, group_size, bias)
+    return _ops.int4_weight_only_linear(x, qweight, scale, zero, group_size, bias)
 
 
 def linear_w8a8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """W8A8: dynamic per-token int8 activations, ``qweight int8 [N, K]``, ``scale [N]``."""
-    return _ref.int8_dynamic_linear(x, qweight, scale, bias)
+    return _ops.int8_dynamic_linear(x, qweight, scale, bias)
 
 
 def fp8_native_available(device: torch.device | str) -> bool:
