@@ -8,7 +8,8 @@ from ops_utils import assert_finite
 
 from infopt import ops
 from infopt.ops import Backend, BackendUnavailableError
-from infopt.ops.paged_attention import _cpp_probe, _triton_probe
+from infopt.ops.extensions import cpp_probe
+from infopt.ops.paged_attention import _triton_probe
 
 # fp32: kernel and oracle differ only in summation order (online softmax over pages vs SDPA);
 # outputs are convex combinations of V rows (|v| ~ 1), so a few fp32 ulps of 1 bound the error:
@@ -20,7 +21,7 @@ TOL = {
 }
 GQA = [(4, 4), (4, 2), (8, 2), (14, 2), (7, 1)]  # group sizes 1, 2, 4, 7, 7 (MQA)
 
-requires_cpp = pytest.mark.skipif(_cpp_probe("cpu") is not None, reason="cpp backend unavailable")
+requires_cpp = pytest.mark.skipif(cpp_probe("cpu") is not None, reason="cpp backend unavailable")
 requires_triton_cpu = pytest.mark.skipif(
     _triton_probe("cpu") is not None, reason="triton cannot run CPU tensors here"
 )
@@ -152,7 +153,7 @@ def test_validation_errors():
     bad[1, 0] = 10_000
     with pytest.raises(ValueError, match="block id out of range"):
         ops.paged_attention_prefill(q, k, v, bad, lens, qsl, 0.25, backend="reference")
-    if _cpp_probe("cpu") is None:
+    if cpp_probe("cpu") is None:
         with pytest.raises(RuntimeError, match="out of range"):
             ops.paged_attention_prefill(q, k, v, bad, lens, qsl, 0.25, backend="cpp")
     with pytest.raises(BackendUnavailableError):

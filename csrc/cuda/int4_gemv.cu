@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "cvt.cuh"
 #include "int4_gemv.h"
 #include "rmsnorm.h"  // InfoptDType
 
@@ -26,23 +27,7 @@ constexpr int kWarp = 32;
 constexpr int kWarps = 4;  // warps (= output rows) per block
 constexpr int kUnroll = 4;  // 16-byte weight chunks each lane has in flight
 
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  __device__ __forceinline__ static float to_f(float v) { return v; }
-  __device__ __forceinline__ static float from_f(float v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  __device__ __forceinline__ static float to_f(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  __device__ __forceinline__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
+using infopt_cuda::Cvt;
 
 // 8 consecutive activations (16-byte aligned) to fp32.
 __device__ __forceinline__ void load8(const float* p, float (&o)[8]) {

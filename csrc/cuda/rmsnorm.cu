@@ -13,27 +13,12 @@
 #include <climits>
 #include <cstdint>
 
+#include "cvt.cuh"
 #include "rmsnorm.h"
 
 namespace {
 
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  __device__ __forceinline__ static float to_f(float v) { return v; }
-  __device__ __forceinline__ static float from_f(float v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  __device__ __forceinline__ static float to_f(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  __device__ __forceinline__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
+using infopt_cuda::Cvt;
 
 // N elements moved as one aligned load/store (N * sizeof(T) is 16 bytes for x/y, or 32 for an
 // fp32 weight beside bf16/fp16 x, which the compiler splits into two 16-byte accesses).

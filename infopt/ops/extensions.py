@@ -180,3 +180,23 @@ def load_cuda(verbose: bool = False) -> str | None:
         return None
 
     return _load_once("infopt_cuda", build)
+
+
+# --- availability probes shared by every op's cpp / cuda backend (see registry.BackendImpl) ---
+
+
+def cpp_probe(device_type: str) -> str | None:
+    """None if the C++ CPU extension can run on ``device_type`` tensors, else the reason."""
+    if device_type != "cpu":
+        return "the cpp backend runs on CPU tensors only"
+    return load_cpu()
+
+
+def cuda_probe(device_type: str) -> str | None:
+    """None if the CUDA extension can run on ``device_type`` tensors, else the reason."""
+    if device_type != "cuda":
+        cuda = "no CUDA device" if not torch.cuda.is_available() else "CUDA is available"
+        return f"the cuda backend runs on CUDA tensors only ({cuda} here)"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible (torch.cuda.is_available() is False)"
+    return load_cuda()

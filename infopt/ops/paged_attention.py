@@ -194,12 +194,6 @@ def _paged_attention_op(q, k_cache, v_cache, block_tables, seq_lens, query_start
     )
 
 
-def _cpp_probe(device_type: str) -> str | None:
-    if device_type != "cpu":
-        return "the cpp backend runs on CPU tensors only"
-    return extensions.load_cpu()
-
-
 # --- triton: launcher (the kernel itself lives in triton_kernels/paged_attention.py) ---
 
 
@@ -269,7 +263,7 @@ def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_s
 
 
 _IMPLS = {
-    Backend.CPP: BackendImpl(_paged_attention_op, _cpp_probe, _kernel_supports),
+    Backend.CPP: BackendImpl(_paged_attention_op, extensions.cpp_probe, _kernel_supports),
     Backend.TRITON: BackendImpl(_paged_attention_triton, _triton_probe, _kernel_supports),
 }
 register_op("paged_attention_prefill", paged_attention_prefill_reference, _IMPLS)

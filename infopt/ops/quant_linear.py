@@ -142,21 +142,6 @@ def _kernel_supports(x: torch.Tensor, *rest: object) -> str | None:
 # --- cpp / cuda: dispatcher ops torch.ops.infopt.* ---
 
 
-def _cpp_probe(device_type: str) -> str | None:
-    if device_type != "cpu":
-        return "the cpp backend runs on CPU tensors only"
-    return extensions.load_cpu()
-
-
-def _cuda_probe(device_type: str) -> str | None:
-    if device_type != "cuda":
-        cuda = "no CUDA device" if not torch.cuda.is_available() else "CUDA is available"
-        return f"the cuda backend runs on CUDA tensors only ({cuda} here)"
-    if not torch.cuda.is_available():
-        return "no CUDA device visible (torch.cuda.is_available() is False)"
-    return extensions.load_cuda()
-
-
 def _int8_op(x, qweight, scale, bias=None):
     return torch.ops.infopt.int8_weight_only_linear.default(x, qweight, scale, bias)
 
@@ -314,7 +299,7 @@ register_op(
     "int8_weight_only_linear",
     quant_ref.int8_weight_only_linear,
     {
-        Backend.CPP: BackendImpl(_int8_op, _cpp_probe, _kernel_supports),
+        Backend.CPP: BackendImpl(_int8_op, extensions.cpp_probe, _kernel_supports),
         Backend.TRITON: BackendImpl(_int8_triton, _triton_probe, _kernel_supports),
     },
 )
@@ -322,16 +307,16 @@ register_op(
     "int4_weight_only_linear",
     quant_ref.int4_weight_only_linear,
     {
-        Backend.CPP: BackendImpl(_int4_op, _cpp_probe, _kernel_supports),
+        Backend.CPP: BackendImpl(_int4_op, extensions.cpp_probe, _kernel_supports),
         Backend.TRITON: BackendImpl(_int4_triton, _triton_probe, _kernel_supports),
-        Backend.CUDA: BackendImpl(_int4_op, _cuda_probe, _kernel_supports),
+        Backend.CUDA: BackendImpl(_int4_op, extensions.cuda_probe, _kernel_supports),
     },
 )
 register_op(
     "int8_dynamic_linear",
     quant_ref.int8_dynamic_linear,
     {
-        Backend.CPP: BackendImpl(_w8a8_op, _cpp_probe, _kernel_supports),
+        Backend.CPP: BackendImpl(_w8a8_op, extensions.cpp_probe, _kernel_supports),
         Backend.TRITON: BackendImpl(_w8a8_triton, _triton_probe, _kernel_supports),
     },
 )

@@ -98,21 +98,6 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return torch.ops.infopt.rms_norm.default(x, weight, float(eps))
 
 
-def _cpp_probe(device_type: str) -> str | None:
-    if device_type != "cpu":
-        return "the cpp backend runs on CPU tensors only"
-    return extensions.load_cpu()
-
-
-def _cuda_probe(device_type: str) -> str | None:
-    if device_type != "cuda":
-        cuda = "no CUDA device" if not torch.cuda.is_available() else "CUDA is available"
-        return f"the cuda backend runs on CUDA tensors only ({cuda} here)"
-    if not torch.cuda.is_available():
-        return "no CUDA device visible (torch.cuda.is_available() is False)"
-    return extensions.load_cuda()
-
-
 # --- triton: launcher (the kernel itself lives in triton_kernels/rmsnorm.py) ---
 
 
@@ -163,9 +148,9 @@ register_op(
     "rms_norm",
     rms_norm_reference,
     {
-        Backend.CPP: BackendImpl(_rms_norm_op, _cpp_probe, _kernel_supports),
+        Backend.CPP: BackendImpl(_rms_norm_op, extensions.cpp_probe, _kernel_supports),
         Backend.TRITON: BackendImpl(_rms_norm_triton, _triton_probe, _kernel_supports),
-        Backend.CUDA: BackendImpl(_rms_norm_op, _cuda_probe, _kernel_supports),
+        Backend.CUDA: BackendImpl(_rms_norm_op, extensions.cuda_probe, _kernel_supports),
     },
 )
 
