@@ -1,6 +1,8 @@
 """Paged KV cache vs HF's default DynamicCache: decode throughput and memory accounting.
 
     python examples/kv_bench.py [--model smollm2-135m] [--batch 4] [--new-tokens 32]
+    python examples/kv_bench.py --sections prefix [--system-tokens 1000]
+    python examples/kv_bench.py --sections policy [--long-tokens 2048 --budget 256]
 
 1. Decode tok/s of greedy ``generate`` on a left-padded batch of mixed-length prompts, unwrapped
    (DynamicCache + sdpa) vs ``wrap_model(kv="paged")``, in the same process, interleaved runs.
@@ -9,6 +11,15 @@
    last blocks) next to the DynamicCache's padded ``[B, Hkv, max_len, D]`` tensors.
 3. Allocator-only accounting for many sequences of mixed lengths (no model run): waste % of the
    allocated KV memory per block size.
+4. ``prefix``: time to first token (``generate(max_new_tokens=1)``, batch 1) of a shared
+   ~``--system-tokens`` system prompt + a short question with ``kv="paged-prefix"``: a *miss*
+   (cache cleared first) vs a *hit* (an earlier request with another question left the system
+   prompt's blocks cached), interleaved in one process; plus the unwrapped HF model's TTFT and a
+   check that hit and miss generate the same tokens as HF.
+5. ``policy``: bounded-memory policies at one token budget on the first ``--long-tokens`` tokens of
+   the eval text, teacher-forced through the cache in 16-token chunks
+   (:func:`infopt.kvcache.quality.compare_through_cache`): perplexity / KL vs HF's full cache for
+   recent-window only, StreamingLLM and H2O, then the KV bytes held as the sequence grows.
 """
 
 from __future__ import annotations
@@ -61,6 +72,107 @@ def allocator_waste(num_seqs: int, lo: int, hi: int, seed: int = 0) -> list[tupl
     return rows
 
 
+def prefix_ttft(model, tok, system_tokens: int, repeats: int) -> None:
+    from infopt.eval import default_text
+
+    cached = infopt.wrap_model(copy.deepcopy(model), kv=kv.KVConfig(prefix_caching=True))
+    ids = tok(default_text()[: 8 * system_tokens], add_special_tokens=False).input_ids
+    system = torch.tensor([ids[:system_tokens]])
+    questions = [
+        torch.tensor([tok(" Question: " + q + " Answer:", add_special_tokens=False).input_ids])
+        for q in eval_prompts(2 * repeats + 2, n_words=6)
+    ]
+    prompts = [torch.cat([system, q], 1) for q in questions]
+
+    def ttft(m, ids):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            m.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.eos_token_id)
+        return time.perf_counter() - t0
+
+    def gen(m, ids):
+        with torch.no_grad():
+            return m.generate(
+                ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+
+    ttft(cached, prompts[0])  # warm-up (also builds the pool)
+    pool = kv.model_pool(cached, cached._infopt_kv_config)
+    hf, miss, hit = [], [], []
+    for i in range(repeats):
+        pool.allocator.clear()
+        miss.append(ttft(cached, prompts[2 * i + 1]))  # cold: the whole prompt is computed
+        hit.append(ttft(cached, prompts[2 * i + 2]))  # the system prompt's blocks are cached
+        hf.append(ttft(model, prompts[2 * i + 2]))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    lens = sorted({p.shape[1] for p in prompts})
+    st = pool.allocator.stats
+    print(
+        f"prefix caching: system prompt {system_tokens} tokens, prompts {lens[0]}..{lens[-1]} "
+        f"tokens, batch 1, {repeats} interleaved runs (median)"
+    )
+    print(
+        f"  TTFT HF {1e3 * med(hf):.1f} ms | paged-prefix miss {1e3 * med(miss):.1f} ms | "
+        f"hit {1e3 * med(hit):.1f} ms | miss/hit {med(miss) / med(hit):.1f}x"
+    )
+    print(
+        f"  cache counters: hit tokens {st.hit_tokens}, miss tokens {st.miss_tokens}, hit blocks "
+        f"{st.hit_blocks}, miss blocks {st.miss_blocks}, evictions {st.evictions}"
+    )
+    p = prompts[-1]
+    ref = gen(model, p)
+    pool.allocator.clear()
+    cold = gen(cached, p)
+    warm = gen(cached, p)  # full hit: all but the last prompt token reused
+    print(
+        f"  16 greedy tokens identical (HF / miss / full hit): {torch.equal(ref, cold)} / "
+        f"{torch.equal(ref, warm)}"
+    )
+
+
+def policy_quality(model, tok, tokens: int, budget: int) -> None:
+    from infopt.eval import default_text
+    from infopt.kvcache.quality import compare_through_cache, new_cache
+
+    bs = 16
+    cfgs = {
+        "full (no eviction)": kv.KVConfig(),
+        f"recent window only ({budget - bs})": kv.KVConfig(
+            policy="streaming", n_sink=0, window=budget - bs
+        ),
+        f"streaming (4 sinks -> 1 block, window {budget - 2 * bs})": kv.KVConfig(
+            policy="streaming", n_sink=4, window=budget - 2 * bs
+        ),
+        f"h2o (budget {budget}, window {budget // 2})": kv.KVConfig(
+            policy="h2o", budget=budget, window=budget // 2
+        ),
+    }
+    print(f"policies: first {tokens} tokens of the eval text, one window, 16-token chunks, vs HF")
+    wrapped = {}
+    for name, cfg in cfgs.items():
+        m = infopt.wrap_model(copy.deepcopy(model), kv=cfg)
+        wrapped[name] = m
+        r = compare_through_cache(
+            model, m, tok, max_tokens=tokens, window=tokens, chunk=16, first_chunk=16
+        )
+        print(
+            f"  {name}: ppl {r.ppl_cand:.3f} vs {r.ppl_ref:.3f} ({100 * r.ppl_rel_increase:+.2f}%)"
+            f", KL {r.kl_mean:.4f}, top1 {r.top1_agreement:.3f}, max tokens held "
+            f"{r.cand_max_cached_tokens}, max KV {r.cand_max_allocated_bytes / 2**20:.2f} MiB"
+        )
+    ids = tok(default_text(), verbose=False)["input_ids"][:tokens]
+    marks = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= tokens]
+    print("  KV MiB allocated after N tokens: " + ", ".join(f"N={t}" for t in marks))
+    for name, m in wrapped.items():
+        cache, row = new_cache(m, tokens), []
+        with torch.no_grad():
+            for a in range(0, marks[-1], 16):
+                m(input_ids=torch.tensor([ids[a : a + 16]]), past_key_values=cache, use_cache=True)
+                if a + 16 in marks:
+                    row.append(cache.memory_stats()["allocated_bytes"] / 2**20)
+        print(f"    {name}: " + ", ".join(f"{x:.2f}" for x in row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -69,11 +181,24 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--sections", default="decode,prefix,policy", help="comma list: decode, prefix, policy"
+    )
+    ap.add_argument("--system-tokens", type=int, default=1000)
+    ap.add_argument("--long-tokens", type=int, default=2048)
+    ap.add_argument("--budget", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    sections = {x.strip() for x in args.sections.split(",")}
 
     model, tok = infopt.load_model(args.model)
     model.eval()
+    if "prefix" in sections:
+        prefix_ttft(model, tok, args.system_tokens, max(args.repeats, 3))
+    if "policy" in sections:
+        policy_quality(model, tok, args.long_tokens, args.budget)
+    if "decode" not in sections:
+        return
     paged = infopt.wrap_model(copy.deepcopy(model), kv=kv.KVConfig(block_size=args.block_size))
     tok.padding_side = "left"
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

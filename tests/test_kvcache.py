@@ -85,7 +85,7 @@ def test_kvconfig_validation_and_round_trip():
         {"block_size": 24},
         {"num_blocks": 4, "max_tokens": 64},
         {"num_blocks": 0},
-        {"cache_dtype": "int8"},
+        {"cache_dtype": "int4"},
         {"policy": "h2o"},
     ):
         with pytest.raises(ValueError):

@@ -158,3 +158,122 @@ def test_validation_errors():
             ops.paged_attention_prefill(q, k, v, bad, lens, qsl, 0.25, backend="cpp")
     with pytest.raises(BackendUnavailableError):
         ops.paged_attention_prefill(q, k, v, table, lens, qsl, 0.25, backend=Backend.CUDA)
+
+
+# --- quantized caches (int8 / float8_e4m3fn with per-token, per-head fp32 scales) -------------
+
+
+def quantize_batch(k, v, cache_dtype):
+    """Quantize float pools; NaN scales where the float pool held NaN poison (int8 has no NaN),
+    so reading an unused slot still poisons the output."""
+    from infopt.kvcache.kvquant import quantize_kv
+
+    out = []
+    for x in (k, v):
+        poison = x.isnan().any(-1)
+        qx, sc = quantize_kv(x.nan_to_num(0.0), cache_dtype)
+        sc[poison] = float("nan")
+        out += [qx, sc]
+    return out  # k_q, k_scale, v_q, v_scale
+
+
+def check_quant(
+    backend, seq_lens, query_lens, hq, hkv, d, bs, dtype, cache_dtype, decode=False, device="cpu"
+):
+    q, k, v, table, lens, qsl = make_batch(seq_lens, query_lens, hq, hkv, d, bs, torch.float32)
+    q = q.to(dtype)
+    kq, ks, vq, vs = quantize_batch(k, v, cache_dtype)
+    dev = torch.device(device)
+    q, kq, ks, vq, vs, table, lens, qsl = (t.to(dev) for t in (q, kq, ks, vq, vs, table, lens, qsl))
+    kw = {"k_scale": ks, "v_scale": vs}
+    if decode:
+        ref = ops.paged_attention_decode(q, kq, vq, table, lens, d**-0.5, backend="reference", **kw)
+        out = ops.paged_attention_decode(q, kq, vq, table, lens, d**-0.5, backend=backend, **kw)
+    else:
+        args = (q, kq, vq, table, lens, qsl, d**-0.5)
+        ref = ops.paged_attention_prefill(*args, backend="reference", **kw)
+        out = ops.paged_attention_prefill(*args, backend=backend, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_finite(out)
+    assert_finite(ref, "reference")
+    # Both sides dequantize with the same fp32 product, so the fp32/bf16 tolerances still hold.
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    return ref, q, k, v, table, lens, qsl
+
+
+QUANT_DTYPES = [torch.int8, torch.float8_e4m3fn]
+
+
+@requires_cpp
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs,hq,hkv", [(8, 14, 2), (16, 4, 4), (32, 7, 1)])
+def test_cpp_quantized_cache_matches_reference(bs, hq, hkv, dtype, cache_dtype):
+    torch.set_num_threads(1)
+    check_quant("cpp", LENS, [1] * 4, hq, hkv, 64, bs, dtype, cache_dtype, decode=True)
+    check_quant("cpp", LENS, [1, 3, 17, 5], hq, hkv, 64, bs, dtype, cache_dtype)
+    check_quant("cpp", [5, 33], [0, 4], hq, hkv, 40, bs, dtype, cache_dtype)  # odd D, empty row
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("bs,hq,hkv", [(8, 14, 2), (16, 4, 4)])
+def test_triton_quantized_cache_matches_reference(bs, hq, hkv, cache_dtype):
+    check_quant("triton", LENS, [1] * 4, hq, hkv, 64, bs, torch.float32, cache_dtype, decode=True)
+    check_quant("triton", [1, 7, 17], [1, 7, 3], hq, hkv, 40, bs, torch.bfloat16, cache_dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs,hq,hkv", [(8, 14, 2), (16, 4, 4), (32, 7, 1)])
+def test_triton_cuda_quantized_cache_matches_reference(bs, hq, hkv, dtype, cache_dtype):
+    for d in (64, 128):
+        kw = {"device": "cuda"}
+        check_quant("triton", LENS, [1] * 4, hq, hkv, d, bs, dtype, cache_dtype, True, **kw)
+        check_quant("triton", LENS, [1, 3, 17, 5], hq, hkv, d, bs, dtype, cache_dtype, **kw)
+
+
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES)
+def test_quantized_reference_close_to_float_attention(cache_dtype):
+    # The oracle itself: quantization error only (|x| ~ 1 rows, D = 64): int8 keeps ~2 decimal
+    # digits per element, e4m3 ~1; attention averages them, so these bounds hold with margin.
+    ref, q, k, v, table, lens, qsl = check_quant(
+        "reference", LENS, [1, 3, 17, 5], 4, 2, 64, 16, torch.float32, cache_dtype
+    )
+    full = ops.paged_attention_prefill(q, k, v, table, lens, qsl, 0.125, backend="reference")
+    err = (ref - full).abs().max().item()
+    assert err < {torch.int8: 0.03, torch.float8_e4m3fn: 0.15}[cache_dtype], err
+
+
+def test_quantized_validation_errors():
+    q, k, v, table, lens, qsl = make_batch([3, 18], [3, 2], 4, 2, 16, 8, torch.float32)
+    kq, ks, vq, vs = quantize_batch(k, v, torch.int8)
+    with pytest.raises(ValueError, match="k_scale and v_scale are required"):
+        ops.paged_attention_prefill(q, kq, vq, table, lens, qsl, 0.25)
+    with pytest.raises(ValueError, match="k_scale and v_scale are required"):
+        ops.paged_attention_prefill(q, k, v, table, lens, qsl, 0.25, k_scale=ks, v_scale=vs)
+    with pytest.raises(ValueError, match=r"k_scale must be float32 \[num_blocks"):
+        ops.paged_attention_prefill(
+            q, kq, vq, table, lens, qsl, 0.25, k_scale=ks[:, :4], v_scale=vs
+        )
+    with pytest.raises(ValueError, match="dtype must equal"):
+        ops.paged_attention_prefill(
+            q, kq, vq.float(), table, lens, qsl, 0.25, k_scale=ks, v_scale=vs
+        )
+    with pytest.raises(TypeError, match="v_scale must be a torch.Tensor"):
+        ops.paged_attention_prefill(q, kq, vq, table, lens, qsl, 0.25, k_scale=ks, v_scale=1.0)
+    if cpp_probe("cpu") is None:  # the op's own checks (bypassing the Python validation)
+        with pytest.raises(RuntimeError, match="k_scale and v_scale are required"):
+            torch.ops.infopt.paged_attention.default(q, kq, vq, table, lens, qsl, 0.25, None, None)
+
+
+@requires_cpp
+def test_quantized_opcheck():
+    q, k, v, table, lens, qsl = make_batch([3, 18], [3, 2], 4, 2, 16, 8, torch.float32)
+    kq, ks, vq, vs = quantize_batch(k.nan_to_num(0.0), v.nan_to_num(0.0), torch.int8)
+    torch.library.opcheck(
+        torch.ops.infopt.paged_attention.default,
+        (q, kq, vq, table, lens, qsl, 0.25, ks, vs),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )

@@ -4,16 +4,25 @@
 // q [N, Hq, D] packed varlen queries; k/v_cache [num_blocks, block_size, Hkv, D]; block_tables
 // int32 [B, max_blocks]; seq_lens int32 [B] (this step's tokens included); query_start_loc int32
 // [B + 1]. Query i of sequence b sits at position seq_lens[b] - n_b + i and attends causally.
+// Quantized pools: k/v_cache int8 or float8_e4m3fn with k/v_scale float32 [num_blocks,
+// block_size, Hkv] (one scale per token and head); a row is dequantized as it is loaded
+// (value = stored * scale), so no full-precision copy of the cache is ever made.
 //
 // Work is split with at::parallel_for over (query token, KV head). One task handles the
 // G = Hq / Hkv query heads that share a KV head, so every K/V row is read once per group (GQA/MQA
 // without repeating KV). It walks the block table page by page with an online softmax in fp32:
 // scores of a whole page first, then one rescale of the accumulators per page (not per token).
+// Every check runs before the parallel region: an exception thrown inside a worker cannot be
+// propagated reliably (it was seen to crash the process on some builds).
+//
+// The build has no -march flags, so the loop body is compiled twice: plain (SSE2) and with
+// target("avx2,fma"), picked once at run time; the dot products and axpys vectorize 8-wide.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -21,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace infopt {
@@ -31,92 +41,229 @@ struct Dims {
   int64_t kb, kt, kh, vb, vt, vh;  // cache strides (block, token, head); D is unit-stride
 };
 
-template <typename T>
-void paged_attention_impl(const T* q, const T* kc, const T* vc, T* out, const int32_t* bt,
-                          const int64_t* tok_seq, const int64_t* tok_pos, const Dims& s,
-                          float scale) {
+// exp for the softmax, written so `#pragma omp simd` loops vectorize it (std::exp is a scalar
+// libm call and was the kernel's bottleneck for long pages). Cephes expf: x = k ln2 + r with a
+// two-constant Cody-Waite reduction, degree-5 polynomial on |r| <= ln2/2, 2^k via the exponent
+// bits; relative error ~1e-7 (about one fp32 ulp) on [-87.3, 88.7], inputs clamped to that range
+// (softmax arguments are <= 0; exp(-87.3) ~ 1e-38 stands in for 0).
+inline float exp_simd(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// Queries per task in a prefill: enough to amortize each K/V row load over many dot products,
+// few enough that a tile's accumulators stay in L1 (8 x G x D fp32).
+constexpr int64_t kTile = 8;
+
+template <typename T, typename KV>
+struct Args {
+  const T* q;
+  const KV* kc;
+  const KV* vc;
+  const float* ks;  // [num_blocks, block_size, Hkv] contiguous, or nullptr (unquantized)
+  const float* vs;
+  T* out;
+  const int32_t* bt;
+  const int64_t* tok_seq;
+  const int64_t* tok_pos;
+  const int64_t* tile_start;  // [num_tiles + 1] first query token of each tile
+  int64_t num_tiles;
+  Dims s;
+  float scale;
+};
+
+// Tasks [begin, end) of the (query tile, KV head) grid. A tile is up to kTile consecutive
+// queries of one sequence: each K/V row is loaded (and dequantized) once for all tile x G query
+// heads, which is what makes a chunked prefill over a long cached prefix cheap. Query i of the
+// tile sees keys 0 ..= tok_pos[i]; keys past that (inside the tile's range) get probability 0.
+// always_inline: inlined into both the plain and the AVX2 entry points, each compiled for its ISA.
+template <typename T, typename KV>
+__attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64_t begin,
+                                                     int64_t end) {
+  const Dims& s = a.s;
   const int64_t g_size = s.hq / s.hkv;
   const int64_t d = s.d, bs = s.block_size;
-  const int64_t tasks = s.n * s.hkv;
-  // Task cost is ~kv_len * G * D multiply-adds. Aim for >= ~256K per chunk: waking threads for
-  // less costs more than it saves (decode of one short sequence runs on the calling thread).
-  int64_t work = 0;
-  for (int64_t t = 0; t < s.n; ++t) work += (tok_pos[t] + 1) * s.hq * d;
-  const int64_t grain = std::max<int64_t>(1, tasks * (int64_t{1} << 18) / std::max<int64_t>(work, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(g_size * d), acc(g_size * d), scores(g_size * bs), kv_row(d);
-    std::vector<float> m(g_size), l(g_size);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t tok = task / s.hkv, kvh = task % s.hkv;
-      const int64_t b = tok_seq[tok];
-      const int64_t kv_len = tok_pos[tok] + 1;
-      const int32_t* table = bt + b * s.max_blocks;
+  const int64_t rows_max = kTile * g_size;  // query heads of one task
+  std::vector<float> qf(rows_max * d), acc(rows_max * d), scores(rows_max * bs), kv_row(d);
+  std::vector<float> m(rows_max), l(rows_max);
+  std::vector<int64_t> limit(rows_max);
+  float* kvr = kv_row.data();
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t tile = task / s.hkv, kvh = task % s.hkv;
+    const int64_t t0 = a.tile_start[tile], nq = a.tile_start[tile + 1] - t0;
+    const int64_t rows = nq * g_size;
+    const int64_t b = a.tok_seq[t0];
+    const int64_t kv_len = a.tok_pos[t0 + nq - 1] + 1;  // the tile's last query sees the most
+    const int32_t* table = a.bt + b * s.max_blocks;
+    for (int64_t qi = 0; qi < nq; ++qi) {
       for (int64_t g = 0; g < g_size; ++g) {
-        const T* qr = q + (tok * s.hq + kvh * g_size + g) * d;
-        for (int64_t i = 0; i < d; ++i) qf[g * d + i] = static_cast<float>(qr[i]);
-        m[g] = -std::numeric_limits<float>::infinity();
-        l[g] = 0.f;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t pages = (kv_len + bs - 1) / bs;
-      for (int64_t p = 0; p < pages; ++p) {
-        const int64_t blk = table[p];
-        const int64_t ntok = std::min(bs, kv_len - p * bs);
-        // scores[g, t] = scale * <q_g, k_t>
-        for (int64_t t = 0; t < ntok; ++t) {
-          const T* kr = kc + blk * s.kb + t * s.kt + kvh * s.kh;
-          for (int64_t i = 0; i < d; ++i) kv_row[i] = static_cast<float>(kr[i]);
-          for (int64_t g = 0; g < g_size; ++g) {
-            const float* qg = qf.data() + g * d;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < d; ++i) dot += qg[i] * kv_row[i];
-            scores[g * bs + t] = dot * scale;
-          }
-        }
-        // One rescale per page: m_new = max(m, page max); acc, l *= exp(m - m_new).
-        for (int64_t g = 0; g < g_size; ++g) {
-          float* sg = scores.data() + g * bs;
-          float page_max = sg[0];
-          for (int64_t t = 1; t < ntok; ++t) page_max = std::max(page_max, sg[t]);
-          const float m_new = std::max(m[g], page_max);
-          const float alpha = std::exp(m[g] - m_new);  // exp(-inf) = 0 on the first page
-          float psum = 0.f;
-          for (int64_t t = 0; t < ntok; ++t) {
-            sg[t] = std::exp(sg[t] - m_new);
-            psum += sg[t];
-          }
-          l[g] = l[g] * alpha + psum;
-          m[g] = m_new;
-          float* ag = acc.data() + g * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) ag[i] *= alpha;
-        }
-        // acc[g] += sum_t p[g, t] * v_t
-        for (int64_t t = 0; t < ntok; ++t) {
-          const T* vr = vc + blk * s.vb + t * s.vt + kvh * s.vh;
-          for (int64_t i = 0; i < d; ++i) kv_row[i] = static_cast<float>(vr[i]);
-          for (int64_t g = 0; g < g_size; ++g) {
-            const float pg = scores[g * bs + t];
-            float* ag = acc.data() + g * d;
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) ag[i] += pg * kv_row[i];
-          }
-        }
-      }
-      for (int64_t g = 0; g < g_size; ++g) {
-        T* orow = out + (tok * s.hq + kvh * g_size + g) * d;
-        const float inv = 1.f / l[g];
-        for (int64_t i = 0; i < d; ++i) orow[i] = static_cast<T>(acc[g * d + i] * inv);
+        const int64_t r = qi * g_size + g;
+        const T* qr = a.q + ((t0 + qi) * s.hq + kvh * g_size + g) * d;
+        for (int64_t i = 0; i < d; ++i) qf[r * d + i] = static_cast<float>(qr[i]);
+        m[r] = -std::numeric_limits<float>::infinity();
+        l[r] = 0.f;
+        limit[r] = a.tok_pos[t0 + qi];  // last key position this row may attend to
       }
     }
+    std::fill(acc.begin(), acc.begin() + rows * d, 0.f);
+    const int64_t pages = (kv_len + bs - 1) / bs;
+    for (int64_t p = 0; p < pages; ++p) {
+      const int64_t blk = table[p];
+      const int64_t ntok = std::min(bs, kv_len - p * bs);
+      // scores[r, t] = scale * <q_r, k_t>
+      for (int64_t t = 0; t < ntok; ++t) {
+        const KV* kr = a.kc + blk * s.kb + t * s.kt + kvh * s.kh;
+        const float ksc = a.ks ? a.ks[(blk * bs + t) * s.hkv + kvh] : 1.f;
+        for (int64_t i = 0; i < d; ++i) kvr[i] = static_cast<float>(kr[i]) * ksc;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* qg = qf.data() + r * d;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < d; ++i) dot += qg[i] * kvr[i];
+          scores[r * bs + t] = dot * a.scale;
+        }
+      }
+      // One rescale per page and row: m_new = max(m, page max); acc, l *= exp(m - m_new).
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sg = scores.data() + r * bs;
+        // keys of this page the row may see: positions p * bs + t <= limit[r]
+        const int64_t vis = std::min(ntok, limit[r] - p * bs + 1);
+        if (vis <= 0) {  // the whole page is in this row's future
+          std::fill(sg, sg + ntok, 0.f);
+          continue;
+        }
+        float page_max = sg[0];
+        for (int64_t t = 1; t < vis; ++t) page_max = std::max(page_max, sg[t]);
+        const float m_new = std::max(m[r], page_max);
+        const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first page
+        float psum = 0.f;
+#pragma omp simd reduction(+ : psum)
+        for (int64_t t = 0; t < vis; ++t) {
+          sg[t] = exp_simd(sg[t] - m_new);
+          psum += sg[t];
+        }
+        for (int64_t t = vis; t < ntok; ++t) sg[t] = 0.f;
+        l[r] = l[r] * alpha + psum;
+        m[r] = m_new;
+        float* ag = acc.data() + r * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) ag[i] *= alpha;
+      }
+      // acc[r] += sum_t p[r, t] * v_t
+      for (int64_t t = 0; t < ntok; ++t) {
+        const KV* vr = a.vc + blk * s.vb + t * s.vt + kvh * s.vh;
+        const float vsc = a.vs ? a.vs[(blk * bs + t) * s.hkv + kvh] : 1.f;
+        for (int64_t i = 0; i < d; ++i) kvr[i] = static_cast<float>(vr[i]) * vsc;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float pg = scores[r * bs + t];
+          float* ag = acc.data() + r * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) ag[i] += pg * kvr[i];
+        }
+      }
+    }
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      for (int64_t g = 0; g < g_size; ++g) {
+        const int64_t r = qi * g_size + g;
+        T* orow = a.out + ((t0 + qi) * s.hq + kvh * g_size + g) * d;
+        const float inv = 1.f / l[r];
+        for (int64_t i = 0; i < d; ++i) orow[i] = static_cast<T>(acc[r * d + i] * inv);
+      }
+    }
+  }
+}
+
+template <typename T, typename KV>
+void run_tasks_plain(const Args<T, KV>& a, int64_t begin, int64_t end) {
+  run_tasks(a, begin, end);
+}
+
+template <typename T, typename KV>
+__attribute__((target("avx2,fma"))) void run_tasks_avx2(const Args<T, KV>& a, int64_t begin,
+                                                          int64_t end) {
+  run_tasks(a, begin, end);
+}
+
+bool has_avx2() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+
+template <typename T, typename KV>
+void paged_attention_impl(const Args<T, KV>& a) {
+  const Dims& s = a.s;
+  const int64_t tasks = a.num_tiles * s.hkv;
+  // Task cost is ~kv_len * tile * G * D multiply-adds. Aim for >= ~256K per chunk: waking
+  // threads for less costs more than it saves (decode of one short sequence stays on one thread).
+  int64_t work = 0;
+  for (int64_t t = 0; t < s.n; ++t) work += (a.tok_pos[t] + 1) * s.hq * s.d;
+  const int64_t grain = std::max<int64_t>(1, tasks * (int64_t{1} << 18) / std::max<int64_t>(work, 1));
+  const bool avx2 = has_avx2();
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    if (avx2) {
+      run_tasks_avx2(a, begin, end);
+    } else {
+      run_tasks_plain(a, begin, end);
+    }
   });
+}
+
+template <typename T, typename KV>
+void dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+              const float* ks, const float* vs, at::Tensor& out, const int32_t* table,
+              const std::vector<int64_t>& tok_seq, const std::vector<int64_t>& tok_pos,
+              const std::vector<int64_t>& tiles, const Dims& s, float sc) {
+  Args<T, KV> a{q.const_data_ptr<T>(),
+                reinterpret_cast<const KV*>(kc.const_data_ptr()),
+                reinterpret_cast<const KV*>(vc.const_data_ptr()),
+                ks,
+                vs,
+                out.mutable_data_ptr<T>(),
+                table,
+                tok_seq.data(),
+                tok_pos.data(),
+                tiles.data(),
+                static_cast<int64_t>(tiles.size()) - 1,
+                s,
+                sc};
+  paged_attention_impl<T, KV>(a);
+}
+
+template <typename T>
+void dispatch_kv(at::ScalarType kv_dt, const at::Tensor& q, const at::Tensor& kc,
+                 const at::Tensor& vc, const float* ks, const float* vs, at::Tensor& out,
+                 const int32_t* table, const std::vector<int64_t>& tok_seq,
+                 const std::vector<int64_t>& tok_pos, const std::vector<int64_t>& tiles,
+                 const Dims& s, float sc) {
+  if (kv_dt == at::kChar) {
+    dispatch<T, int8_t>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s, sc);
+  } else if (kv_dt == at::kFloat8_e4m3fn) {
+    dispatch<T, c10::Float8_e4m3fn>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s,
+                                    sc);
+  } else {
+    dispatch<T, T>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s, sc);
+  }
 }
 
 at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                               double scale) {
+                               double scale, const std::optional<at::Tensor>& k_scale,
+                               const std::optional<at::Tensor>& v_scale) {
   const char* op = "infopt::paged_attention (CPU): ";
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
                   block_tables.device().is_cpu() && seq_lens.device().is_cpu() &&
@@ -128,8 +275,13 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
   const auto dt = q_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               "q dtype must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, op,
-              "k/v_cache dtype must equal q dtype");
+  const auto kv_dt = k_cache.scalar_type();
+  const bool quant = kv_dt == at::kChar || kv_dt == at::kFloat8_e4m3fn;
+  TORCH_CHECK((kv_dt == dt || quant) && v_cache.scalar_type() == kv_dt, op,
+              "k/v_cache dtype must equal q dtype, or both be int8 / float8_e4m3fn");
+  TORCH_CHECK(quant == (k_scale.has_value() && v_scale.has_value()) &&
+                  (k_scale.has_value() == v_scale.has_value()),
+              op, "k_scale and v_scale are required with int8/float8 caches and only then");
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
               "k/v_cache head_dim must be unit-stride");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2, op,
@@ -154,6 +306,14 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
               k_cache.size(3), ") differ");
   TORCH_CHECK(s.hkv > 0 && s.hq % s.hkv == 0, op, "Hq (", s.hq, ") must be a multiple of Hkv (",
               s.hkv, ")");
+  if (quant) {
+    for (const at::Tensor* sc : {&*k_scale, &*v_scale}) {
+      TORCH_CHECK(sc->device().is_cpu() && sc->scalar_type() == at::kFloat && sc->dim() == 3 &&
+                      sc->size(0) == s.num_blocks && sc->size(1) == s.block_size &&
+                      sc->size(2) == s.hkv && sc->is_contiguous(),
+                  op, "k_scale/v_scale must be contiguous float32 [num_blocks, block_size, Hkv]");
+    }
+  }
   s.kb = k_cache.stride(0);
   s.kt = k_cache.stride(1);
   s.kh = k_cache.stride(2);
@@ -173,7 +333,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
 
   // Per query token: its sequence and absolute position. Validates every block id it will read,
   // so a bad table is an error here rather than an out-of-bounds read in the kernel.
-  std::vector<int64_t> tok_seq(s.n), tok_pos(s.n);
+  std::vector<int64_t> tok_seq(s.n), tok_pos(s.n), tiles{0};
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t len = lens[b], nq = starts[b + 1] - starts[b];
     TORCH_CHECK(nq >= 0 && nq <= len && len <= s.max_blocks * s.block_size, op, "sequence ", b,
@@ -189,22 +349,28 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
       tok_seq[starts[b] + i] = b;
       tok_pos[starts[b] + i] = len - nq + i;
     }
+    for (int64_t i = kTile; i < nq; i += kTile) tiles.push_back(starts[b] + i);
+    tiles.push_back(starts[b + 1]);
   }
 
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (s.n == 0) return out;
   const float sc = static_cast<float>(scale);
+  const float* ks = quant ? k_scale->const_data_ptr<float>() : nullptr;
+  const float* vs = quant ? v_scale->const_data_ptr<float>() : nullptr;
   switch (dt) {
-#define INFOPT_PA_CASE(ST, T)                                                                    \
-  case ST:                                                                                      \
-    paged_attention_impl<T>(q.const_data_ptr<T>(), k_cache.const_data_ptr<T>(),                  \
-                            v_cache.const_data_ptr<T>(), out.mutable_data_ptr<T>(), table,       \
-                            tok_seq.data(), tok_pos.data(), s, sc);                              \
-    break;
-    INFOPT_PA_CASE(at::kFloat, float)
-    INFOPT_PA_CASE(at::kBFloat16, c10::BFloat16)
-    INFOPT_PA_CASE(at::kHalf, c10::Half)
-#undef INFOPT_PA_CASE
+    case at::kFloat:
+      dispatch_kv<float>(kv_dt, q, k_cache, v_cache, ks, vs, out, table, tok_seq, tok_pos, tiles, s,
+                         sc);
+      break;
+    case at::kBFloat16:
+      dispatch_kv<c10::BFloat16>(kv_dt, q, k_cache, v_cache, ks, vs, out, table, tok_seq,
+                                 tok_pos, tiles, s, sc);
+      break;
+    case at::kHalf:
+      dispatch_kv<c10::Half>(kv_dt, q, k_cache, v_cache, ks, vs, out, table, tok_seq, tok_pos,
+                             tiles, s, sc);
+      break;
     default: TORCH_CHECK(false, "unreachable");
   }
   return out;

@@ -1,41 +1,66 @@
-"""Paged KV cache for any HuggingFace causal LM (phase 1: full policy, model dtype).
+"""Paged KV cache for any HuggingFace causal LM: prefix caching, int8/fp8 pools, eviction policies.
 
     >>> import infopt, infopt.kvcache
     >>> model = infopt.wrap_model(model, kv="paged")          # or kv=KVConfig(block_size=16, ...)
     >>> out = model.generate(input_ids, max_new_tokens=32)     # runs on a fresh PagedCache
     >>> cache = PagedCache.from_model(model, KVConfig(num_blocks=256))
     >>> model.generate(input_ids, past_key_values=cache); cache.memory_stats()
+    >>> infopt.wrap_model(model, kv="paged-prefix")   # also "paged-int8", "paged-fp8", or
+    >>> infopt.wrap_model(model, kv=KVConfig(policy="streaming", n_sink=4, window=1024))
 
 Pieces: :class:`BlockAllocator` / :class:`BlockManager` (blocks, refcounts, copy-on-write forks,
-:class:`OutOfBlocksError`), :class:`PagedCache` (a ``transformers`` ``Cache``), the
-``"infopt_paged"`` attention function, and the paged kernels in :mod:`infopt.ops`. Importing this
-module registers the ``wrap_model`` option ``kv``. See ``docs/kvcache.md``.
+:class:`OutOfBlocksError`), :class:`PrefixCachingAllocator` (content-addressed blocks, LRU/TTL),
+:class:`KVPool` (the per-layer tensors, possibly quantized), :class:`PagedCache` (a
+``transformers`` ``Cache``), eviction policies (:mod:`.policy`), the ``"infopt_paged"`` attention
+function, the paged kernels in :mod:`infopt.ops`, and :mod:`.quality` (quality measured through
+the cache). Importing this module registers the ``wrap_model`` option ``kv`` and the kv bench
+rows. See ``docs/kvcache.md``.
 """
 
 from __future__ import annotations
 
 from ..api import register_handler, register_option
+from ..bench.configs import BenchConfig, register_bench_config
 from .allocator import BlockAllocator, BlockManager, OutOfBlocksError, SequenceBlocks, SlotPlan
 from .cache import PagedCache, PagedLayer
 from .config import KV_ALIASES, KVConfig
-from .hf import ATTN_NAME, disable_paged, enable_paged, register
+from .hf import ATTN_NAME, disable_paged, enable_paged, model_pool, register
+from .pool import KVPool
+from .prefix import PrefixCachingAllocator, PrefixStats
 
 __all__ = [
     "ATTN_NAME",
     "BlockAllocator",
     "BlockManager",
     "KVConfig",
+    "KVPool",
     "OutOfBlocksError",
     "PagedCache",
     "PagedLayer",
+    "PrefixCachingAllocator",
+    "PrefixStats",
     "SequenceBlocks",
     "SlotPlan",
     "disable_paged",
     "enable_paged",
+    "model_pool",
     "register",
 ]
 
 register_option("kv", KVConfig, KV_ALIASES, description="paged KV cache + paged attention kernels")
+
+# Bench rows for the kv phases ("paged" itself lives with the builtins in infopt.bench.configs).
+# The bench's quality columns come from infopt.eval.compare (use_cache=False forwards), which
+# never read the KV cache; the cache-read quality of these rows is infopt.kvcache.quality.
+for _name, _desc in (
+    (
+        "paged-prefix",
+        "kv: paged + prefix caching (the bench repeats one prompt: timed runs are prefix hits)",
+    ),
+    ("paged-int8", "kv: paged, int8 K/V with per-token per-head scales"),
+    ("paged-fp8", "kv: paged, float8_e4m3fn K/V with per-token per-head scales"),
+):
+    register_bench_config(BenchConfig(_name, _desc, wrap_options={"kv": _name}))
 
 
 @register_handler(KVConfig)

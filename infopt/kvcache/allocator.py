@@ -78,6 +78,11 @@ class BlockAllocator:
             self.refcount[b] = 1
         return out
 
+    def is_shared(self, block: int) -> bool:
+        """True if writing into ``block`` would change what someone else reads: more than one
+        reference (a prefix-caching allocator also counts its content-addressed blocks)."""
+        return self.refcount[block] > 1
+
     def incref(self, blocks: list[int]) -> None:
         for b in blocks:
             if self.refcount[b] <= 0:
@@ -131,6 +136,16 @@ class BlockManager:
         self.seqs[sid] = SequenceBlocks()
         return sid
 
+    def adopt(self, blocks: list[int], num_tokens: int) -> int:
+        """A new sequence over ``blocks`` holding ``num_tokens`` tokens. The caller has already
+        taken one reference per block for it (e.g. prefix-cache hits); the sequence owns them."""
+        bs = self.block_size
+        if (blocks or num_tokens) and not (len(blocks) - 1) * bs < num_tokens <= len(blocks) * bs:
+            raise ValueError(f"{len(blocks)} blocks cannot hold exactly {num_tokens} tokens")
+        sid = self.add_sequence()
+        self.seqs[sid] = SequenceBlocks(list(blocks), num_tokens)
+        return sid
+
     def fork(self, src: int) -> int:
         """A new sequence sharing all of ``src``'s blocks (no copy until one of them appends)."""
         parent = self.seqs[src]
@@ -140,7 +155,9 @@ class BlockManager:
         return sid
 
     def free_sequence(self, sid: int) -> None:
-        self.allocator.free(self.seqs.pop(sid).blocks)
+        # Tail first: with prefix caching, released blocks queue for LRU eviction in this order,
+        # so a sequence's last blocks go before its (more shareable) leading ones.
+        self.allocator.free(self.seqs.pop(sid).blocks[::-1])
 
     def truncate(self, sid: int, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` tokens of ``sid``, releasing whole blocks past them."""
@@ -152,6 +169,18 @@ class BlockManager:
         del seq.blocks[keep:]
         seq.num_tokens = num_tokens
 
+    def drop_block(self, sid: int, index: int) -> int:
+        """Evict the full block at ``index`` of ``sid``'s table (an eviction policy: the tokens
+        after it move up by one block in the table, their K/V untouched). Returns the block id."""
+        seq = self.seqs[sid]
+        full = seq.num_tokens // self.block_size
+        if not 0 <= index < full:
+            raise ValueError(f"block index {index} is not a full block of sequence {sid} ({full})")
+        block = seq.blocks.pop(index)
+        seq.num_tokens -= self.block_size
+        self.allocator.free([block])
+        return block
+
     def blocks_needed(self, sid: int, n: int) -> int:
         """Blocks an append of ``n`` tokens to ``sid`` would take (copy-on-write included)."""
         seq = self.seqs[sid]
@@ -159,7 +188,7 @@ class BlockManager:
             return 0
         total = -(-(seq.num_tokens + n) // self.block_size) - len(seq.blocks)
         partial = seq.num_tokens % self.block_size != 0
-        if partial and self.allocator.refcount[seq.blocks[-1]] > 1:
+        if partial and self.allocator.is_shared(seq.blocks[-1]):
             total += 1  # the shared last block gets a private copy first
         return total
 
@@ -188,7 +217,7 @@ class BlockManager:
             if n <= 0:
                 slots[sid] = []
                 continue
-            if seq.num_tokens % bs and self.allocator.refcount[seq.blocks[-1]] > 1:
+            if seq.num_tokens % bs and self.allocator.is_shared(seq.blocks[-1]):
                 (dst,) = self.allocator.allocate(1)
                 copies.append((seq.blocks[-1], dst))
                 self.allocator.free([seq.blocks[-1]])

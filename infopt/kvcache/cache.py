@@ -1,8 +1,10 @@
 """``PagedCache``: a transformers ``Cache`` whose layers live in shared block pools.
 
 Per layer the pool is ``k_pool`` / ``v_pool`` ``[num_blocks, block_size, Hkv, D]`` (the layout of
-:mod:`infopt.ops.paged_attention`); block ids are shared by all layers, so the host-side
-:class:`~infopt.kvcache.allocator.BlockManager` does one allocation per step for the whole model.
+:mod:`infopt.ops.paged_attention`), held by a :class:`~infopt.kvcache.pool.KVPool` that the cache
+owns or, with prefix caching, shares with later caches; block ids are shared by all layers, so the
+host-side :class:`~infopt.kvcache.allocator.BlockManager` does one allocation per step for the
+whole model. An eviction policy (:mod:`infopt.kvcache.policy`) may free blocks before each step.
 
 How it meets transformers: a decoder layer calls ``cache.update(k, v, layer_idx)`` and passes
 the result to the attention function named by ``config._attn_implementation``. ``update`` only
@@ -25,8 +27,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .allocator import BlockAllocator, BlockManager
 from .config import KVConfig
+from .policy import make_policy
+from .pool import KVPool
+from .prefix import PrefixCachingAllocator, block_hashes
 
 __all__ = ["PagedCache", "PagedLayer", "StepPlan", "get_paged_layer"]
 
@@ -160,20 +164,36 @@ class PagedCache(Cache):
         dtype: torch.dtype,
         device: torch.device | str,
         tokens_hint: int | None = None,
+        pool: KVPool | None = None,
     ):
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
-        self.kv_config = config
-        self.block_size = config.block_size
+        if pool is None:
+            pool = KVPool(
+                config,
+                num_layers=num_layers,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                dtype=dtype,
+                device=device,
+                tokens_hint=tokens_hint,
+            )
+        else:
+            have = (pool.num_layers, pool.num_kv_heads, pool.head_dim)
+            if have != (num_layers, num_kv_heads, head_dim):
+                raise ValueError(
+                    f"pool shapes (layers, Hkv, D) = {have} do not match the cache's "
+                    f"{(num_layers, num_kv_heads, head_dim)}"
+                )
+        self.pool = pool
+        self.kv_config = pool.config
+        self.block_size = pool.block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
-        elem = torch.empty((), dtype=dtype).element_size()
-        # K and V of every layer for one token: the unit of all memory accounting.
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * elem
-        num_blocks = config.resolve_num_blocks(self.bytes_per_token * self.block_size, tokens_hint)
-        self.growable = not config.fixed
-        self.manager = BlockManager(BlockAllocator(num_blocks, self.block_size))
-        for layer in self.layers:
-            layer.set_pools(self._new_pool(num_blocks), self._new_pool(num_blocks))
+        self.dtype, self.device = pool.dtype, pool.device
+        self.bytes_per_token = pool.bytes_per_token
+        self.growable = pool.growable
+        self.manager = pool.manager
+        self.policy = make_policy(pool.config)
+        self._attach()
         self.seq_ids: list[int] | None = None  # HF batch row -> manager sequence id
         self.pads: list[int] = []  # leading padded HF positions per row (never stored)
         self._plan: StepPlan | None = None
@@ -181,43 +201,46 @@ class PagedCache(Cache):
 
     @classmethod
     def from_model(
-        cls, model: Any, config: KVConfig | None = None, tokens_hint: int | None = None
+        cls,
+        model: Any,
+        config: KVConfig | None = None,
+        tokens_hint: int | None = None,
+        pool: KVPool | None = None,
     ) -> PagedCache:
-        """Size a cache from a HF model's config (text config for multimodal models)."""
+        """Size a cache from a HF model's config (text config for multimodal models); with
+        ``pool``, use that (shared, persistent) pool instead of allocating one."""
         from .hf import attention_shapes
 
         num_layers, num_kv_heads, head_dim = attention_shapes(model)
         param = next(model.parameters())
         cache = cls(
-            config or KVConfig(),
+            config or (pool.config if pool is not None else KVConfig()),
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             dtype=param.dtype,
             device=param.device,
             tokens_hint=tokens_hint,
+            pool=pool,
         )
         cache.model_config = model.config
         return cache
 
-    def _new_pool(self, num_blocks: int) -> torch.Tensor:
-        # Uninitialized: the kernels only read slots below each sequence's length.
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        return torch.empty(shape, dtype=self.dtype, device=self.device)
+    def _attach(self) -> None:
+        # Each layer gets views of the pool tensors tagged with itself: the attention function
+        # finds its layer (and this cache) from the K/V HF hands it. Views, because a shared
+        # pool's tensors are reused by later caches, which tag their own views.
+        for layer in self.layers:
+            k, v = self.pool.k[layer.layer_idx], self.pool.v[layer.layer_idx]
+            layer.set_pools(k.view_as(k), v.view_as(v))
 
     @property
     def num_blocks(self) -> int:
-        return self.manager.allocator.num_blocks
+        return self.pool.num_blocks
 
     def _grow(self, min_free: int) -> None:
-        alloc = self.manager.allocator
-        new = max(2 * alloc.num_blocks, alloc.num_used + min_free)
-        for layer in self.layers:
-            k, v = self._new_pool(new), self._new_pool(new)
-            k[: alloc.num_blocks].copy_(layer.keys)
-            v[: alloc.num_blocks].copy_(layer.values)
-            layer.set_pools(k, v)
-        alloc.grow(new)
+        self.pool.grow(min_free)
+        self._attach()
 
     def check_states(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> None:
         want = (self.num_kv_heads, self.head_dim)
@@ -278,14 +301,13 @@ class PagedCache(Cache):
             check_mask(mask, hf_start, q_len, new_pads)
         elif any(new_pads):
             raise ValueError("infopt_paged: got no attention mask but earlier steps had padding")
+        for sid, n in counts.items():  # bounded-memory policies free blocks before the step
+            self.policy.evict(self.manager, sid, n)
         if self.growable and not self.manager.can_append(counts):
             self._grow(sum(self.manager.blocks_needed(s, n) for s, n in counts.items()))
         slot_plan = self.manager.append(counts)  # OutOfBlocksError here changes nothing
         self.pads = new_pads
-        for src, dst in slot_plan.copies:  # copy-on-write of shared partial blocks
-            for layer in self.layers:
-                layer.keys[dst].copy_(layer.keys[src])
-                layer.values[dst].copy_(layer.values[src])
+        self.pool.copy_blocks(slot_plan.copies)  # copy-on-write of shared partial blocks
         return self._tensors(hf_start, batch, q_len, valid, slot_plan.slots)
 
     def _tensors(self, hf_start, batch, q_len, valid, slots) -> StepPlan:
@@ -328,6 +350,7 @@ class PagedCache(Cache):
         """Free every sequence; the pools stay allocated for reuse."""
         for sid in self.seq_ids or []:
             self.manager.free_sequence(sid)
+            self.policy.forget(sid)
         self.seq_ids, self.pads = None, []
         self._set_hf_len(0)
 
@@ -343,6 +366,7 @@ class PagedCache(Cache):
             if drop > seq.num_tokens:
                 raise ValueError(f"cannot crop {drop} tokens: a row holds only {seq.num_tokens}")
             self.manager.truncate(sid, seq.num_tokens - drop)
+            self.policy.truncate(sid, seq.num_tokens)
         self._set_hf_len(target)
 
     def _reselect(self, rows: list[int]) -> None:
@@ -351,9 +375,12 @@ class PagedCache(Cache):
             return
         old_ids, old_pads = self.seq_ids, self.pads
         self.seq_ids = [self.manager.fork(old_ids[r]) for r in rows]
+        for r, sid in zip(rows, self.seq_ids):
+            self.policy.fork(old_ids[r], sid)
         self.pads = [old_pads[r] for r in rows]
         for sid in old_ids:
             self.manager.free_sequence(sid)
+            self.policy.forget(sid)
         self._plan = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -365,16 +392,107 @@ class PagedCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._reselect([int(i) for i in torch.as_tensor(indices).tolist()])
 
+    def observe_attention(self, layer_idx: int, q: torch.Tensor, plan: StepPlan, scale: float):
+        """For H2O: add the attention probability each stored token got from this step's packed
+        queries ``q [N, Hq, D]`` (summed over heads and queries) to its sequence's score. Reads
+        the stored (dequantized) keys, so it sees exactly what the kernels attended to."""
+        k_pool = self.pool.k[layer_idx]
+        k_scale, _ = self.pool.scales(layer_idx)
+        hkv, d = self.num_kv_heads, self.head_dim
+        group = q.shape[1] // hkv
+        qsl = plan.query_start_loc.tolist()
+        for b, sid in enumerate(self.seq_ids or []):
+            n = qsl[b + 1] - qsl[b]
+            if n == 0:
+                continue
+            seq = self.manager.seqs[sid]
+            length = seq.num_tokens
+            blocks = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
+            k = k_pool[blocks].reshape(-1, hkv, d)[:length].float()
+            if k_scale is not None:
+                k = k * k_scale[blocks].reshape(-1, hkv)[:length, :, None]
+            k = k.repeat_interleave(group, dim=1)  # [L, Hq, D]
+            logits = torch.einsum("nhd,lhd->hnl", q[qsl[b] : qsl[b + 1]].float(), k) * scale
+            pos = torch.arange(length - n, length, device=self.device)
+            causal = torch.arange(length, device=self.device)[None, :] <= pos[:, None]
+            probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # [Hq, n, L]
+            self.policy.add_scores(sid, probs.sum((0, 1)))
+
+    # --- prefix caching (a pool with a PrefixCachingAllocator) ----------------------------
+
+    def reuse_prefix(self, input_ids: torch.Tensor, padded: bool = False, expand: int = 1) -> int:
+        """Start every row of an empty cache on the cached blocks of its prompt's longest cached
+        prefix; returns the tokens reused per row (HF then runs the prefill on the rest).
+
+        input_ids ``[B, T]``. All rows reuse the same count (HF keeps one cache length): the
+        smallest match, capped at ``T - 1`` so the last prompt token is still computed (its
+        logits start generation). A match ending inside a block shares that block and the first
+        append copies it (copy-on-write). ``padded=True`` (rows with left padding) skips the
+        lookup: every prompt token counts as a miss. ``expand``: HF will run each prompt as that
+        many consecutive rows (``max(num_beams, num_return_sequences)``); they share the blocks.
+        """
+        alloc = self.manager.allocator
+        if not isinstance(alloc, PrefixCachingAllocator):
+            raise ValueError("reuse_prefix needs a pool built with KVConfig(prefix_caching=True)")
+        if self.seq_ids is not None:
+            raise RuntimeError("reuse_prefix needs an empty cache (call it before generate)")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
+        if not isinstance(expand, int) or expand < 1:
+            raise ValueError(f"expand must be a positive int, got {expand!r}")
+        rows = input_ids.tolist()
+        batch, t = input_ids.shape
+        bs = self.block_size
+        matches = [] if padded else [alloc.match(block_hashes(r, bs)) for r in rows]
+        reuse = 0 if padded or t == 0 else min(min(len(m) for m in matches) * bs, t - 1)
+        used_blocks = -(-reuse // bs)
+        st = alloc.stats
+        st.requests += batch
+        st.hit_tokens += batch * reuse
+        st.miss_tokens += batch * (t - reuse)
+        st.hit_blocks += batch * used_blocks
+        st.miss_blocks += batch * (-(-t // bs) - used_blocks)
+        if reuse == 0:
+            return 0
+        self.seq_ids = []
+        for m in matches:
+            for _ in range(expand):
+                alloc.acquire(m[:used_blocks])
+                self.seq_ids.append(self.manager.adopt(m[:used_blocks], reuse))
+        self.pads = [0] * batch * expand
+        self._set_hf_len(reuse)
+        return reuse
+
+    def release(self, rows_tokens: list[list[int]] | None = None) -> None:
+        """Name each row's full blocks by their tokens (``rows_tokens[b]``: row b's real tokens,
+        at least what it stored, padding stripped) so later requests can reuse them, then free
+        every sequence (:meth:`reset`). Without a prefix-caching pool or tokens it only frees."""
+        alloc = self.manager.allocator
+        if rows_tokens is not None and isinstance(alloc, PrefixCachingAllocator):
+            if len(rows_tokens) != len(self.seq_ids or []):
+                raise ValueError(
+                    f"release got tokens for {len(rows_tokens)} rows, the cache holds "
+                    f"{len(self.seq_ids or [])}"
+                )
+            bs = self.block_size
+            for sid, toks in zip(self.seq_ids or [], rows_tokens):
+                seq = self.manager.seqs[sid]
+                n_full = min(seq.num_tokens, len(toks)) // bs
+                alloc.register(seq.blocks[:n_full], block_hashes(toks[: n_full * bs], bs))
+        self.reset()
+
     # --- accounting -----------------------------------------------------------------------
 
     def seq_lens(self) -> list[int]:
         """Real (stored) tokens per batch row."""
         return [self.manager.seqs[s].num_tokens for s in self.seq_ids or []]
 
-    def memory_stats(self) -> dict[str, float]:
+    def memory_stats(self) -> dict[str, Any]:
         """Bytes of K+V over all layers: ``reserved`` (the pools), ``allocated`` (blocks held by
         sequences), ``used`` (slots holding tokens), ``waste = allocated - used`` and
-        ``waste_pct = 100 * waste / allocated`` (the partial last blocks)."""
+        ``waste_pct = 100 * waste / allocated`` (the partial last blocks). ``bytes_per_token``
+        counts an int8/fp8 pool's scales; ``model_dtype_bytes_per_token`` is what the same token
+        costs at the model's dtype (the ratio of the two is the quantized pool's saving)."""
         alloc = self.manager.allocator
         allocated_slots, used_slots = self.manager.token_counts()
         allocated = allocated_slots * self.bytes_per_token
@@ -383,8 +501,11 @@ class PagedCache(Cache):
             "block_size": self.block_size,
             "num_blocks": alloc.num_blocks,
             "free_blocks": alloc.num_free,
+            "cached_free_blocks": getattr(alloc, "num_cached_free", 0),
+            "cache_dtype": str(self.pool.storage_dtype).removeprefix("torch."),
             "bytes_per_token": self.bytes_per_token,
-            "reserved_bytes": alloc.num_blocks * self.block_size * self.bytes_per_token,
+            "model_dtype_bytes_per_token": self.pool.model_dtype_bytes_per_token,
+            "reserved_bytes": self.pool.reserved_bytes(),
             "allocated_bytes": allocated,
             "used_bytes": used,
             "waste_bytes": allocated - used,

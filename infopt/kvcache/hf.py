@@ -23,11 +23,20 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from .. import ops
 from .cache import PagedCache, get_paged_layer
 from .config import KVConfig
+from .pool import KVPool
 
-__all__ = ["ATTN_NAME", "attention_shapes", "disable_paged", "enable_paged", "register"]
+__all__ = [
+    "ATTN_NAME",
+    "attention_shapes",
+    "disable_paged",
+    "enable_paged",
+    "model_pool",
+    "register",
+]
 
 ATTN_NAME = "infopt_paged"
 _ORIG_ATTR = "_infopt_kv_original"  # (bound generate, previous attn implementation)
+_POOL_ATTR = "_infopt_kv_pool"  # the persistent KVPool of a prefix-caching model
 
 
 def attention_shapes(model: Any) -> tuple[int, int, int]:
@@ -111,14 +120,33 @@ def paged_attention_forward(
         x = x.transpose(1, 2).reshape(batch * q_len, heads, d)
         return x if plan.valid_index is None else x.index_select(0, plan.valid_index)
 
-    pool_dtype = layer.keys.dtype
-    layer.keys.view(-1, hkv, d).index_copy_(0, plan.slots, pack(k_new, hkv).to(pool_dtype))
-    layer.values.view(-1, hkv, d).index_copy_(0, plan.slots, pack(v_new, hkv).to(pool_dtype))
-    q = pack(query, hq).to(pool_dtype)
+    cache.pool.write(layer.layer_idx, plan.slots, pack(k_new, hkv), pack(v_new, hkv))
+    q = pack(query, hq).to(cache.pool.dtype)  # the model's dtype (a quantized pool's too)
     scale = float(scaling) if scaling is not None else d**-0.5
+    if cache.policy.needs_scores:  # H2O: accumulate the attention each stored token receives
+        cache.observe_attention(layer.layer_idx, q, plan, scale)
+    if plan.hf_start == 0 and not plan.decode:
+        # Prefill from an empty cache: every key is in this step's states, so HF's own sdpa
+        # (a BLAS-backed fused kernel) computes exactly what the paged kernel would, faster for
+        # long prompts and bit-identical to the unwrapped model. The pool was written above.
+        # With an int8/fp8 pool the prompt attends to its unquantized states (as vLLM does);
+        # every later step reads the quantized cache.
+        layer.hf_len += q_len
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(
+            module, query, k_new, v_new, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    k_scale, v_scale = cache.pool.scales(layer.layer_idx)
     if plan.decode:
         out = ops.paged_attention_decode(
-            q, layer.keys, layer.values, plan.block_tables, plan.seq_lens, scale
+            q,
+            layer.keys,
+            layer.values,
+            plan.block_tables,
+            plan.seq_lens,
+            scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     else:
         out = ops.paged_attention_prefill(
@@ -129,6 +157,8 @@ def paged_attention_forward(
             plan.seq_lens,
             plan.query_start_loc,
             scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     out = out.to(query.dtype)
     if plan.valid_index is not None:  # padding rows: zeros (HF's are garbage nobody reads)
@@ -222,13 +252,96 @@ def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
     def generate(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
             hint = _tokens_hint(model, config, args, kwargs)
+            if config.prefix_caching:
+                return _generate_prefix_cached(model, original, config, hint, args, kwargs)
             kwargs["past_key_values"] = PagedCache.from_model(model, config, tokens_hint=hint)
         return original(*args, **kwargs)
 
     model.generate = generate  # instance attribute: shadows the class method for this model only
     setattr(model, _ORIG_ATTR, (original, old_impl))
     model._infopt_kv_config = config
+    if hasattr(model, _POOL_ATTR):  # a pool built for an earlier config
+        delattr(model, _POOL_ATTR)
     return model
+
+
+def model_pool(model: Any, config: KVConfig, tokens_hint: int | None = None) -> KVPool:
+    """The persistent pool a prefix-caching model owns (built on first use, rebuilt if the model
+    moved to another dtype/device). Sized by ``config``, else by the first call's
+    ``tokens_hint`` and grown on demand."""
+    param = next(model.parameters())
+    pool = getattr(model, _POOL_ATTR, None)
+    if pool is None or (pool.dtype, pool.device) != (param.dtype, param.device):
+        num_layers, num_kv_heads, head_dim = attention_shapes(model)
+        pool = KVPool(
+            config,
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=param.dtype,
+            device=param.device,
+            tokens_hint=tokens_hint,
+        )
+        setattr(model, _POOL_ATTR, pool)
+    return pool
+
+
+def _generate_prefix_cached(model, original, config, hint, args, kwargs):
+    """``generate`` on the model's persistent pool: reuse the prompt's cached prefix, then name
+    the rows' full blocks so later calls can reuse them."""
+    cache = PagedCache.from_model(model, pool=model_pool(model, config, hint))
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if (
+        kwargs.get("inputs_embeds") is not None
+        or not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+    ):
+        ids = None  # nothing to look up or name: the rows are only freed at the end
+    mask = kwargs.get("attention_mask")
+    if ids is not None:
+        gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        expand = max(
+            kwargs.get("num_beams", getattr(gen, "num_beams", 1)) or 1,
+            kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1)) or 1,
+        )
+        cache.reuse_prefix(ids, padded=_has_padding(model, ids, mask, kwargs), expand=expand)
+    kwargs["past_key_values"] = cache
+    rows_tokens = None
+    try:
+        out = original(*args, **kwargs)
+        if ids is not None:
+            rows_tokens = _rows_tokens(model, cache, ids, mask, out, kwargs)
+        return out
+    finally:
+        cache.release(rows_tokens)  # frees the rows even if generate raised
+
+
+def _has_padding(model: Any, ids: torch.Tensor, mask: Any, kwargs: dict) -> bool:
+    if isinstance(mask, torch.Tensor):
+        return not bool(mask.all())
+    # No mask: HF masks pad tokens found in the prompt itself (when pad != eos).
+    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    pad = kwargs.get("pad_token_id", getattr(gen, "pad_token_id", None))
+    return pad is not None and bool((ids == pad).any())
+
+
+def _rows_tokens(model, cache, ids, mask, out, kwargs) -> list[list[int]] | None:
+    """Each cache row's real tokens, for naming its blocks: the generated sequences when rows
+    map 1:1 onto them (no beam search), else each row's prompt (beams reorder rows)."""
+    if cache.seq_ids is None:
+        return None
+    seqs = getattr(out, "sequences", out)
+    rows = len(cache.seq_ids)
+    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1)) or 1
+    if isinstance(seqs, torch.Tensor) and seqs.dim() == 2 and seqs.shape[0] == rows and beams == 1:
+        return [r[p:] for r, p in zip(seqs.tolist(), cache.pads)]
+    if rows % ids.shape[0]:
+        return None
+    keep = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+    prompts = [r[k].tolist() for r, k in zip(ids, keep)]
+    expand = rows // ids.shape[0]
+    return [prompts[i // expand] for i in range(rows)]
 
 
 def disable_paged(model: Any) -> Any:
@@ -240,4 +353,6 @@ def disable_paged(model: Any) -> Any:
     model.set_attn_implementation(previous[1])
     delattr(model, _ORIG_ATTR)
     del model._infopt_kv_config
+    if hasattr(model, _POOL_ATTR):
+        delattr(model, _POOL_ATTR)
     return model

@@ -51,7 +51,9 @@ def _int4_weight_only_linear_fake(x, qweight, scale, zero, group_size, bias):
     return _quant_linear_fake(x, qweight.shape[0], bias)
 
 
-def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def _paged_attention_fake(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+):
     # Output: a fresh tensor shaped and typed like the packed queries [N, Hq, D].
     torch._check(q.dim() == 3, lambda: f"q must be [N, Hq, D], got {q.dim()}-D")
     torch._check(k_cache.dim() == 4, lambda: "k_cache must be [num_blocks, block_size, Hkv, D]")

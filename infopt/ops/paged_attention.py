@@ -14,6 +14,11 @@ Layout (the same "NHD" paged layout as flash-attn's ``flash_attn_with_kvcache`` 
   ``n_b`` tokens: query ``i`` sits at position ``seq_lens[b] - n_b + i`` and attends causally to
   cache positions ``0 ..= that position``. Decode is the special case ``n_b == 1``.
 
+Quantized caches: ``k_cache``/``v_cache`` may be ``int8`` or ``float8_e4m3fn`` with ``k_scale``/
+``v_scale`` ``float32 [num_blocks, block_size, Hkv]``, one scale per token and KV head; the value
+of a cached element is ``float(stored) * scale``. Every backend dequantizes rows as it reads them
+(the reference dequantizes the gathered blocks).
+
 GQA/MQA: ``Hq`` must be a multiple of ``Hkv``; query head ``h`` reads KV head ``h // (Hq / Hkv)``.
 The kernels process the ``Hq / Hkv`` query heads of one KV head together, so each KV tile is loaded
 once per group and never repeated in memory.
@@ -55,12 +60,16 @@ def paged_attention_prefill_reference(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch oracle: gather each sequence's KV, then fp32 SDPA with a causal offset mask.
 
     q ``[N, Hq, D]``; k/v_cache ``[num_blocks, block_size, Hkv, D]``; block_tables ``int32 [B,
-    max_blocks]``; seq_lens ``int32 [B]``; query_start_loc ``int32 [B + 1]``. Returns ``[N, Hq, D]``
-    in ``q.dtype``. Loops over sequences on the host (it is an oracle, not a fast path).
+    max_blocks]``; seq_lens ``int32 [B]``; query_start_loc ``int32 [B + 1]``; k/v_scale ``float32
+    [num_blocks, block_size, Hkv]`` for int8/fp8 caches (gathered rows are multiplied by them).
+    Returns ``[N, Hq, D]`` in ``q.dtype``. Loops over sequences on the host (an oracle, not a fast
+    path).
     """
     _check_values(q, k_cache, block_tables, seq_lens, query_start_loc)
     block_size = k_cache.shape[1]
@@ -73,8 +82,11 @@ def paged_attention_prefill_reference(
         if n == 0:
             continue
         blocks = block_tables[b, : -(-length // block_size)].long()
-        k = k_cache[blocks].reshape(-1, hkv, d)[:length]  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(-1, hkv, d)[:length]
+        k = k_cache[blocks].reshape(-1, hkv, d)[:length].float()  # [L, Hkv, D]
+        v = v_cache[blocks].reshape(-1, hkv, d)[:length].float()
+        if k_scale is not None:
+            k = k * k_scale[blocks].reshape(-1, hkv)[:length, :, None]
+            v = v * v_scale[blocks].reshape(-1, hkv)[:length, :, None]
         pos = torch.arange(length - n, length, device=q.device)
         mask = torch.arange(length, device=q.device)[None, :] <= pos[:, None]  # [n, L]
         o = F.scaled_dot_product_attention(
@@ -96,10 +108,12 @@ def paged_attention_decode_reference(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode oracle: one query per sequence at its last position. q ``[B, Hq, D]`` -> same."""
     return paged_attention_prefill_reference(
-        q, k_cache, v_cache, block_tables, seq_lens, _decode_qsl(seq_lens), scale
+        q, k_cache, v_cache, block_tables, seq_lens, _decode_qsl(seq_lens), scale, k_scale, v_scale
     )
 
 
@@ -126,7 +140,12 @@ def _check_values(q, k_cache, block_tables, seq_lens, query_start_loc) -> None:
             raise ValueError(f"sequence {b}: block id out of range [0, {k_cache.shape[0]})")
 
 
-def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale) -> None:
+QUANT_CACHE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def _validate(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale
+) -> None:
     for name, t in (
         ("q", q),
         ("k_cache", k_cache),
@@ -146,10 +165,31 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scal
             "k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"k/v_cache dtype must equal q.dtype={q.dtype}, got {k_cache.dtype}")
+    quant = k_cache.dtype in QUANT_CACHE_DTYPES
+    if v_cache.dtype != k_cache.dtype or (k_cache.dtype != q.dtype and not quant):
+        raise ValueError(
+            f"k/v_cache dtype must equal q.dtype={q.dtype} or both be one of "
+            f"{[str(t) for t in QUANT_CACHE_DTYPES]}, got {k_cache.dtype} / {v_cache.dtype}"
+        )
     hq, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[2]
+    if quant != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError(
+            "k_scale and v_scale are required with int8/float8_e4m3fn caches and only then "
+            f"(cache dtype {k_cache.dtype}, k_scale given: {k_scale is not None}, v_scale given: "
+            f"{v_scale is not None})"
+        )
+    want = (k_cache.shape[0], k_cache.shape[1], hkv)
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.float32 or tuple(t.shape) != want or t.device != q.device:
+            raise ValueError(
+                f"{name} must be float32 [num_blocks, block_size, Hkv] = {list(want)} on "
+                f"{q.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
     if k_cache.shape[3] != d:
         raise ValueError(f"head_dim mismatch: q has D={d}, k_cache has D={k_cache.shape[3]}")
     if hkv == 0 or hq % hkv != 0:
@@ -173,11 +213,15 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scal
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
 
 
-def _kernel_supports(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def _kernel_supports(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+):
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} unsupported (kernels take float32, bfloat16, float16)"
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         return "k/v_cache head_dim must be unit-stride"
+    if k_scale is not None and not (k_scale.is_contiguous() and v_scale.is_contiguous()):
+        return "k/v_scale must be contiguous"
     if torch.is_grad_enabled() and (
         q.requires_grad or k_cache.requires_grad or v_cache.requires_grad
     ):
@@ -188,9 +232,11 @@ def _kernel_supports(q, k_cache, v_cache, block_tables, seq_lens, query_start_lo
 # --- cpp: the dispatcher op torch.ops.infopt.paged_attention (schema in csrc/cpu/schema.cpp) ---
 
 
-def _paged_attention_op(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def _paged_attention_op(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+):
     return torch.ops.infopt.paged_attention.default(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, float(scale)
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, float(scale), k_scale, v_scale
     )
 
 
@@ -207,7 +253,9 @@ def _triton_probe(device_type: str) -> str | None:
     return triton_status(device_type, _triton_kernel)
 
 
-def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def _paged_attention_triton(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+):
     """One program per (query token, KV head); see the kernel for the loop structure."""
     import triton
 
@@ -230,6 +278,16 @@ def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_s
     q_pos = (seq_lens.long()[seq_idx] - qlens[seq_idx] + local).to(torch.int32)
     seq_idx = seq_idx.to(torch.int32)
     bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    quant = k_scale is not None
+    if quant:
+        # Scales are read at (block * block_size + token) * Hkv + head: contiguous layout.
+        ks, vs = k_scale, v_scale
+    else:
+        ks = vs = out  # never read (QUANT=False); any pointer will do
+    if k_cache.dtype == torch.float8_e4m3fn:
+        # fp8 is passed as its raw bytes and decoded in the kernel (exact), which works where
+        # the backend (the CPU interpreter, older GPUs) has no native e4m3 load.
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with guard:
         kernel[(n, hkv)](
@@ -240,6 +298,8 @@ def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_s
             bt,
             seq_idx,
             q_pos,
+            ks,
+            vs,
             q.stride(0),
             q.stride(1),
             out.stride(0),
@@ -251,12 +311,15 @@ def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_s
             v_cache.stride(1),
             v_cache.stride(2),
             bt.stride(0),
+            hkv,
             float(scale),
             GROUP=group,
             GROUP_P=max(triton.next_power_of_2(group), 1),
             D=d,
             D_P=triton.next_power_of_2(d),
             BLOCK_SIZE=block_size,
+            QUANT=quant,
+            FP8=k_cache.dtype == torch.uint8,
             num_warps=4,
         )
     return out.to(q.dtype) if soft else out
@@ -269,9 +332,11 @@ _IMPLS = {
 register_op("paged_attention_prefill", paged_attention_prefill_reference, _IMPLS)
 
 
-def _decode_ref_packed(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def _decode_ref_packed(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+):
     return paged_attention_prefill_reference(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale
     )
 
 
@@ -288,26 +353,30 @@ def paged_attention_prefill(
     query_start_loc: torch.Tensor,
     scale: float,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     backend: Backend | str | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of packed queries over a paged KV cache (see the module docstring).
 
     Args:
         q: ``[N, Hq, D]`` queries of all sequences, packed back to back.
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` in ``q.dtype`` (already holding
-            this step's keys/values).
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` in ``q.dtype``, or ``int8`` /
+            ``float8_e4m3fn`` with scales (already holding this step's keys/values).
         block_tables: ``int32 [B, max_blocks]``.
         seq_lens: ``int32 [B]`` cached tokens per sequence, this step's included.
         query_start_loc: ``int32 [B + 1]`` cumulative query counts (``[0, n_0, n_0 + n_1, ...]``);
             a sequence may have 0 queries.
         scale: softmax scale (usually ``D ** -0.5``).
+        k_scale, v_scale: ``float32 [num_blocks, block_size, Hkv]`` per-token, per-head scales of
+            a quantized cache (required for int8/fp8 caches, rejected otherwise).
         backend: per-call backend override (see :mod:`infopt.ops`).
 
     Returns:
         ``[N, Hq, D]`` in ``q.dtype``.
     """
-    _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
-    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
     _, fn = select_backend("paged_attention_prefill", q.device, args, backend)
     return fn(*args)
 
@@ -320,12 +389,15 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     scale: float,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     backend: Backend | str | None = None,
 ) -> torch.Tensor:
     """One query per sequence at its last cached position (``seq_lens[b] - 1``).
 
-    q ``[B, Hq, D]``; k/v_cache ``[num_blocks, block_size, Hkv, D]``; block_tables ``int32 [B,
-    max_blocks]``; seq_lens ``int32 [B]`` (each ``>= 1``). Returns ``[B, Hq, D]`` in ``q.dtype``.
+    q ``[B, Hq, D]``; k/v_cache ``[num_blocks, block_size, Hkv, D]`` (or int8/fp8 with k/v_scale
+    ``float32 [num_blocks, block_size, Hkv]``); block_tables ``int32 [B, max_blocks]``; seq_lens
+    ``int32 [B]`` (each ``>= 1``). Returns ``[B, Hq, D]`` in ``q.dtype``.
     """
     if isinstance(seq_lens, torch.Tensor) and isinstance(q, torch.Tensor):
         if q.dim() == 3 and seq_lens.dim() == 1 and q.shape[0] != seq_lens.shape[0]:
@@ -333,7 +405,7 @@ def paged_attention_decode(
         qsl = _decode_qsl(seq_lens)
     else:
         qsl = seq_lens  # let _validate name the bad argument
-    _validate(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale)
-    args = (q, k_cache, v_cache, block_tables, seq_lens, qsl, scale)
+    _validate(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale)
+    args = (q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale)
     _, fn = select_backend("paged_attention_decode", q.device, args, backend)
     return fn(*args)

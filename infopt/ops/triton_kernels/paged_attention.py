@@ -7,10 +7,41 @@ at a time up to its causal limit, with an fp32 online softmax (running max ``m``
 ``l``, accumulator ``acc``). Scores use broadcast-multiply + sum rather than ``tl.dot``: tiles can
 be smaller than the 16x16 minimum of ``tl.dot`` (block size 8, MHA group of 1), and decode is
 bandwidth-bound anyway.
+
+Quantized caches (``QUANT``): K/V rows are int8 or float8_e4m3fn with one fp32 scale per (token,
+KV head) in ``ks_ptr``/``vs_ptr`` (``[num_blocks, BLOCK_SIZE, Hkv]`` contiguous); rows are scaled
+as they are loaded. fp8 arrives as raw bytes (``FP8``) and is decoded by :func:`_e4m3_to_f32`.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _e4m3_to_f32(bits):
+    """float8_e4m3fn bytes (uint8) -> fp32, exactly: s eeee mmm, bias 7, no infinities,
+    ``eeee mmm == 1111 111`` is NaN, ``eeee == 0`` subnormal (m / 8 * 2**-6)."""
+    b = bits.to(tl.int32)
+    sign = tl.where((b & 0x80) != 0, -1.0, 1.0)
+    e = (b >> 3) & 0xF
+    m = (b & 0x7).to(tl.float32)
+    normal = (1.0 + m / 8.0) * tl.exp2((e - 7).to(tl.float32))
+    sub = m / 8.0 * 0.015625  # 2**-6
+    val = tl.where(e == 0, sub, normal)
+    val = tl.where((b & 0x7F) == 0x7F, float("nan"), val)
+    return sign * val
+
+
+@triton.jit
+def _load_rows(ptr, off, mask, sc_ptr, sc_off, tmask, QUANT: tl.constexpr, FP8: tl.constexpr):
+    """A ``[BLOCK_SIZE, D_P]`` tile of K or V as fp32, dequantized when ``QUANT``."""
+    if FP8:
+        x = _e4m3_to_f32(tl.load(ptr + off, mask=mask, other=0))
+    else:
+        x = tl.load(ptr + off, mask=mask, other=0).to(tl.float32)
+    if QUANT:
+        x = x * tl.load(sc_ptr + sc_off, mask=tmask, other=0.0)[:, None]
+    return x
 
 
 @triton.jit
@@ -22,6 +53,8 @@ def paged_attention_kernel(
     bt_ptr,  # int32 [B, max_blocks]
     seq_idx_ptr,  # int32 [N]: which sequence each query token belongs to
     q_pos_ptr,  # int32 [N]: absolute position of each query token (causal limit)
+    ks_ptr,  # fp32 [num_blocks, BLOCK_SIZE, Hkv] K scales (read only when QUANT)
+    vs_ptr,  # fp32 V scales, same layout
     stride_qn,
     stride_qh,
     stride_on,
@@ -33,12 +66,15 @@ def paged_attention_kernel(
     stride_vt,
     stride_vh,
     stride_bt,
+    HKV,
     scale,
     GROUP: tl.constexpr,
     GROUP_P: tl.constexpr,
     D: tl.constexpr,
     D_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    QUANT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -65,11 +101,9 @@ def paged_attention_kernel(
         blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
         tmask = p * BLOCK_SIZE + t < kv_len
         kvmask = tmask[:, None] & dmask[None, :]
-        k = tl.load(
-            k_ptr + blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-            mask=kvmask,
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_SIZE, D_P]
+        sc_off = (blk * BLOCK_SIZE + t) * HKV + kvh
+        k_off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+        k = _load_rows(k_ptr, k_off, kvmask, ks_ptr, sc_off, tmask, QUANT, FP8)  # [BLOCK_SIZE, D_P]
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_P, BLOCK_SIZE]
         s = tl.where(tmask[None, :], s, float("-inf"))
         # Page 0 always holds token 0 (kv_len >= 1), so m_new is finite from the first page on.
@@ -77,11 +111,8 @@ def paged_attention_kernel(
         alpha = tl.exp(m - m_new)
         pr = tl.exp(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(pr, axis=1)
-        v = tl.load(
-            v_ptr + blk * stride_vb + t[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-            mask=kvmask,
-            other=0.0,
-        ).to(tl.float32)
+        v_off = blk * stride_vb + t[:, None] * stride_vt + kvh * stride_vh + d[None, :]
+        v = _load_rows(v_ptr, v_off, kvmask, vs_ptr, sc_off, tmask, QUANT, FP8)
         acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], axis=1)
         m = m_new
 
