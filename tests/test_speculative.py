@@ -385,3 +385,23 @@ def test_bench_rows_registered_and_parse():
         cfg = get_bench_config(name)
         assert isinstance(parse_option("spec", cfg.wrap_options["spec"]), sp.SpecConfig)
     assert get_bench_config("hf-prompt-lookup").apply is not None
+
+
+def test_spec_stats_merge_sums_counters_and_positions():
+    a, b = sp.SpecStats(), sp.SpecStats()
+    a.record([3, 2], [3, 0])
+    a.emitted, a.target_forwards = 6, 1
+    b.record([5], [4])
+    b.emitted, b.target_forwards, b.draft_lengths = 5, 1, [5]
+    a.merge(b)
+    assert (a.proposed, a.accepted, a.row_steps, a.emitted, a.target_forwards) == (10, 7, 3, 11, 2)
+    assert a.proposed_per_position == [3, 3, 2, 1, 1]
+    assert a.accepted_per_position == [2, 2, 2, 1, 0]
+    assert a.draft_lengths == [5]
+
+
+def test_draft_model_config_quant_is_validated():
+    cfg = sp.DraftModelConfig("smollm2-135m", quant="int4")
+    assert infopt.InfoptConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="quant must be None or one of"):
+        sp.DraftModelConfig("smollm2-135m", quant="int3")

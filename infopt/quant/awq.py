@@ -35,6 +35,17 @@ def _output_error(delta: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return ((delta @ cov) * delta).sum()
 
 
+_SEARCH_ROWS = 256
+
+
+def _row_subset(w: torch.Tensor) -> torch.Tensor:
+    """At most ``_SEARCH_ROWS`` evenly spaced rows of ``w [N, K]`` (all of them when fewer)."""
+    n = w.shape[0]
+    if n <= _SEARCH_ROWS:
+        return w
+    return w[torch.linspace(0, n - 1, _SEARCH_ROWS, device=w.device).round().long()]
+
+
 @torch.no_grad()
 def awq_search_scale(
     weights: list[torch.Tensor], stats: InputStats, group_size: int, grid: int = 20
@@ -45,7 +56,12 @@ def awq_search_scale(
     """
     if stats.cov is None:
         raise ValueError("AWQ needs the input covariance (collect_stats(with_cov=True))")
-    ws = [w.float() for w in weights]
+    # The error is a sum over output rows and every row sees the same input scaling, so the
+    # search scores candidates on an evenly spaced subset of at most ``_SEARCH_ROWS`` rows per
+    # weight: the cost per candidate is O(rows K^2) instead of O(N K^2) (Qwen2.5-1.5B's
+    # down_proj, K = 8960: 6x cheaper, its gate/up_proj 35x).
+    # Each subset's error is scaled back by N / rows so the group members keep their weight.
+    ws = [(_row_subset(w.float()), w.shape[0]) for w in weights]
     x_mean = stats.mean_abs.float().clamp_min(1e-4)
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
     for j in range(grid):
@@ -53,7 +69,8 @@ def awq_search_scale(
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         err = sum(
-            _output_error(fake_quantize_int4(w * s, group_size) / s - w, stats.cov) for w in ws
+            _output_error(fake_quantize_int4(w * s, group_size) / s - w, stats.cov) * (n / len(w))
+            for w, n in ws
         )
         if float(err) < best[0]:
             best = (float(err), s, alpha)

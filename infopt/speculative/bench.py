@@ -17,9 +17,10 @@ from .config import DraftModelConfig
 QWEN_DRAFT = "qwen2.5-coder-0.5b"
 
 
-def _hf_assisted(model: nn.Module) -> nn.Module:
-    # Peer: HF's own assisted generation with the same draft model.
-    draft = DraftModelConfig(QWEN_DRAFT).load(model)
+def _hf_assisted(model: nn.Module, quant: str | None = None) -> nn.Module:
+    # Peer: HF's own assisted generation with the same draft model (quantized by infopt when
+    # ``quant`` is given, so the int4-draft rows compare the speculation loops, not the drafts).
+    draft = DraftModelConfig(QWEN_DRAFT, quant=quant).load(model)
     model.generate = functools.partial(model.generate, assistant_model=draft)
     return model
 
@@ -50,9 +51,19 @@ def register_bench_configs() -> None:
             wrap_options={"spec": DraftModelConfig(QWEN_DRAFT)},
         ),
         BenchConfig(
+            "spec-draft-qwen0.5b-int4",
+            f"speculative: {QWEN_DRAFT} drafts, draft quantized int4 (output still exact)",
+            wrap_options={"spec": DraftModelConfig(QWEN_DRAFT, quant="int4")},
+        ),
+        BenchConfig(
             "hf-assisted-qwen0.5b",
             f"peer: HF assisted generation, {QWEN_DRAFT} draft",
             apply=_hf_assisted,
+        ),
+        BenchConfig(
+            "hf-assisted-qwen0.5b-int4",
+            f"peer: HF assisted generation, {QWEN_DRAFT} draft quantized int4 by infopt",
+            apply=functools.partial(_hf_assisted, quant="int4"),
         ),
         BenchConfig(
             "hf-prompt-lookup",
