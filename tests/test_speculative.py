@@ -401,7 +401,27 @@ def test_spec_stats_merge_sums_counters_and_positions():
 
 
 def test_draft_model_config_quant_is_validated():
-    cfg = sp.DraftModelConfig("smollm2-135m", quant="int4")
-    assert infopt.InfoptConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="quant must be None or one of"):
+    from infopt.quant import Int4WeightOnlyConfig
+
+    for quant in ("int4", Int4WeightOnlyConfig(lm_head="int8")):
+        cfg = sp.DraftModelConfig("smollm2-135m", quant=quant)
+        assert infopt.InfoptConfig.from_dict(cfg.to_dict()) == cfg  # nested configs round-trip
+    with pytest.raises(ValueError, match="quant must be None, a QuantConfig or one of"):
         sp.DraftModelConfig("smollm2-135m", quant="int3")
+
+
+def test_quantized_draft_model_config_is_exact(target, monkeypatch):
+    """DraftModelConfig(quant=...) quantizes the draft it loads; the output stays the target's."""
+    import infopt.models
+    import infopt.quant as q
+
+    # A same-weights copy of the target as the "registry" draft: high acceptance before quant.
+    monkeypatch.setattr(infopt.models, "load_model", lambda name, **kw: (tiny_llama(0), None))
+    cfg = sp.DraftModelConfig("tiny", quant=q.Int8WeightOnlyConfig(lm_head="int8"))
+    draft = cfg.load(target)
+    assert isinstance(draft.lm_head, q.Int8Linear)
+    assert isinstance(draft.model.layers[0].self_attn.q_proj, q.Int8Linear)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    out = sp.generate(target, ids, cfg, 20)
+    assert torch.equal(out.sequences, hf_greedy(target, ids, 20))
+    assert out.stats.acceptance_rate > 0.5  # int8 barely moves the draft's argmax

@@ -97,24 +97,27 @@ class DraftModelConfig(SpecConfig):
     """A separate draft model, by infopt registry name (``load_model`` names) or local path.
 
     ``dtype`` (e.g. ``"bfloat16"``) defaults to the target's parameter dtype. ``quant`` (a
-    ``wrap_model(quant=...)`` alias such as ``"int8"`` or ``"int4"``) quantizes the *draft* after
-    loading: a cheaper draft makes every speculation step cheaper, and the output stays exactly
-    the target's (the target verifies every token), only the acceptance rate can change.
+    ``wrap_model(quant=...)`` alias such as ``"int8"`` / ``"int4"``, or a
+    :class:`~infopt.quant.QuantConfig`) quantizes the *draft* after loading: a cheaper draft
+    makes every speculation step cheaper, and the output stays exactly the target's (the target
+    verifies every token); only the acceptance rate can change.
     """
 
     VERSION = 1
     draft_model: str = "qwen2.5-coder-0.5b"
     dtype: str | None = None
-    quant: str | None = None
+    quant: Any = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.quant is not None:
             from ..quant import ALIASES as QUANT_ALIASES
+            from ..quant import QuantConfig
 
-            if self.quant not in QUANT_ALIASES:
+            if not isinstance(self.quant, QuantConfig) and self.quant not in QUANT_ALIASES:
                 raise ValueError(
-                    f"quant must be None or one of {sorted(QUANT_ALIASES)}, got {self.quant!r}"
+                    f"quant must be None, a QuantConfig or one of {sorted(QUANT_ALIASES)}, "
+                    f"got {self.quant!r}"
                 )
 
     def load(self, target: nn.Module) -> nn.Module:
