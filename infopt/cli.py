@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument(
+        "--prompt",
+        choices=_runner.PROMPT_SETS,
+        default=_runner.DEFAULT_PROMPT,
+        help="text: --prompt-tokens of the eval text; code: code-completion prompts; grounded: "
+        "code edits that copy the prompt (prompt lookup's case). Timed run j uses prompt "
+        f"j %% n (default: {_runner.DEFAULT_PROMPT})",
+    )
     arg_int = [
         ("--prompt-tokens", 1, _runner.DEFAULT_PROMPT_TOKENS, "prompt length in tokens"),
         ("--new-tokens", 2, _runner.DEFAULT_NEW_TOKENS, "tokens generated per timed run"),
@@ -128,6 +136,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         device=args.device,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
+        prompt=args.prompt,
         repeats=args.repeats,
         warmup=args.warmup,
         eval_tokens=args.eval_tokens,

@@ -29,7 +29,9 @@ class InfoptConfig:
         fields = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, enum.Enum):
+            if isinstance(v, InfoptConfig):  # nested config (e.g. a draft model's quant)
+                v = v.to_dict()
+            elif isinstance(v, enum.Enum):
                 v = v.value
             elif isinstance(v, tuple):
                 v = list(v)
@@ -63,6 +65,8 @@ class InfoptConfig:
         kwargs = {}
         for name, v in d["fields"].items():
             # to_dict turned tuples into lists for JSON; configs are frozen, so turn them back.
+            if isinstance(v, dict) and {"type", "fields"} <= set(v):
+                v = InfoptConfig.from_dict(v)
             kwargs[name] = tuple(v) if isinstance(v, list) else v
         return target(**kwargs)  # type: ignore[return-value]
 

@@ -275,6 +275,63 @@ def test_eval_skipped_and_baseline_alone():
 def test_bad_settings_raise():
     with pytest.raises(ValueError, match="new_tokens must be an integer >= 2"):
         run_bench("tiny", "baseline", loader=tiny_loader(), new_tokens=1, progress=False)
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        run_bench("tiny", "baseline", loader=tiny_loader(), prompt="poem", progress=False)
+
+
+class RecordingLoader:
+    """tiny_loader whose models record the prompt ids every generate call receives."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def __call__(self, name, dtype, device):
+        model, tok = tiny_llama(dtype), ByteTokenizer()
+        orig = model.generate
+
+        def generate(input_ids, **kw):
+            self.seen.append(input_ids[0].tolist())
+            return orig(input_ids, **kw)
+
+        model.generate = generate
+        return model, tok
+
+
+@pytest.mark.parametrize("kind", ["code", "grounded"])
+def test_prompt_sets_cycle_over_timed_runs(kind):
+    from infopt.eval import CODE_PROMPTS, GROUNDED_PROMPTS
+
+    texts = CODE_PROMPTS if kind == "code" else GROUNDED_PROMPTS
+    loader = RecordingLoader()
+    res = run_bench(
+        "tiny", "baseline,bf16", loader=loader, text=TEXT, prompt=kind, new_tokens=2,
+        repeats=len(texts) + 1, warmup=1, eval_tokens=0, progress=False,
+    )  # fmt: skip
+    enc = [list(t.encode()) for t in texts]
+    # per config: warmup on prompt 0, then timed run j on prompt j % n
+    expect = [enc[0]] + [enc[j % len(enc)] for j in range(len(texts) + 1)]
+    assert loader.seen == expect * 2
+    assert res.settings["prompt"] == kind and f"set '{kind}'" in res.format_table()
+    assert all(r.spec is None for r in res.rows)  # not speculative: no acceptance figures
+
+
+def test_spec_rows_report_summed_acceptance():
+    pytest.importorskip("infopt.speculative")
+    from infopt.speculative import PromptLookupConfig
+
+    cfg = BenchConfig("pl", "prompt lookup", wrap_options={"spec": PromptLookupConfig()})
+    res = run_bench(
+        "tiny", ["baseline", cfg], loader=tiny_loader(), text=TEXT, prompt_tokens=40,
+        new_tokens=12, repeats=3, warmup=0, eval_tokens=0, progress=False,
+    )  # fmt: skip
+    base, pl = res.rows
+    assert base.spec is None
+    st = pl.spec
+    # 3 timed runs of 12 tokens each: the counters are summed over all of them
+    assert st["emitted"] == 3 * 12 and st["target_forwards"] >= 3
+    assert st["accepted"] <= st["proposed"]
+    assert st["acceptance_rate"] == pytest.approx(st["accepted"] / max(st["proposed"], 1))
+    assert "speculative acceptance" in res.format_table()
 
 
 @pytest.mark.gpu

@@ -218,6 +218,34 @@ def test_lm_head_can_be_included():
     assert _cos(ref, model(IDS).logits) > 0.98
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_lm_head_int8_option(tmp_path, tie):
+    model = tiny_llama(tie=tie)
+    ref = model(IDS).logits
+    cfg = q.Int4WeightOnlyConfig(group_size=32, lm_head="int8")
+    q.quantize_model(model, cfg, progress=False)
+    assert isinstance(model.lm_head, q.Int8Linear) and not isinstance(model.lm_head, q.W8A8Linear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, q.Int4Linear)
+    assert isinstance(model.model.embed_tokens, nn.Embedding)  # embeddings stay as they were
+    with torch.no_grad():
+        out = model(IDS).logits
+    assert _cos(ref, out) > 0.98
+    # mixed formats survive save/load exactly
+    q.save_quantized(model, tmp_path)
+    loaded = q.load_quantized(tmp_path, tiny_llama(seed=7, tie=tie))
+    assert isinstance(loaded.lm_head, q.Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, out)
+    assert q.quant_config_of(loaded).lm_head == "int8"
+
+
+def test_lm_head_int8_option_errors():
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        q.Int4WeightOnlyConfig(lm_head="int4")
+    with pytest.raises(ValueError, match="also selected by include/skip"):
+        q.quantize_model(tiny_llama(), q.Int4WeightOnlyConfig(skip=(), lm_head="int8"))
+
+
 def test_applied_configs_recorded():
     model = tiny_llama()
     infopt.wrap_model(model, quant=q.Int4WeightOnlyConfig(group_size=32))

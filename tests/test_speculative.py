@@ -385,3 +385,43 @@ def test_bench_rows_registered_and_parse():
         cfg = get_bench_config(name)
         assert isinstance(parse_option("spec", cfg.wrap_options["spec"]), sp.SpecConfig)
     assert get_bench_config("hf-prompt-lookup").apply is not None
+
+
+def test_spec_stats_merge_sums_counters_and_positions():
+    a, b = sp.SpecStats(), sp.SpecStats()
+    a.record([3, 2], [3, 0])
+    a.emitted, a.target_forwards = 6, 1
+    b.record([5], [4])
+    b.emitted, b.target_forwards, b.draft_lengths = 5, 1, [5]
+    a.merge(b)
+    assert (a.proposed, a.accepted, a.row_steps, a.emitted, a.target_forwards) == (10, 7, 3, 11, 2)
+    assert a.proposed_per_position == [3, 3, 2, 1, 1]
+    assert a.accepted_per_position == [2, 2, 2, 1, 0]
+    assert a.draft_lengths == [5]
+
+
+def test_draft_model_config_quant_is_validated():
+    from infopt.quant import Int4WeightOnlyConfig
+
+    for quant in ("int4", Int4WeightOnlyConfig(lm_head="int8")):
+        cfg = sp.DraftModelConfig("smollm2-135m", quant=quant)
+        assert infopt.InfoptConfig.from_dict(cfg.to_dict()) == cfg  # nested configs round-trip
+    with pytest.raises(ValueError, match="quant must be None, a QuantConfig or one of"):
+        sp.DraftModelConfig("smollm2-135m", quant="int3")
+
+
+def test_quantized_draft_model_config_is_exact(target, monkeypatch):
+    """DraftModelConfig(quant=...) quantizes the draft it loads; the output stays the target's."""
+    import infopt.models
+    import infopt.quant as q
+
+    # A same-weights copy of the target as the "registry" draft: high acceptance before quant.
+    monkeypatch.setattr(infopt.models, "load_model", lambda name, **kw: (tiny_llama(0), None))
+    cfg = sp.DraftModelConfig("tiny", quant=q.Int8WeightOnlyConfig(lm_head="int8"))
+    draft = cfg.load(target)
+    assert isinstance(draft.lm_head, q.Int8Linear)
+    assert isinstance(draft.model.layers[0].self_attn.q_proj, q.Int8Linear)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    out = sp.generate(target, ids, cfg, 20)
+    assert torch.equal(out.sequences, hf_greedy(target, ids, 20))
+    assert out.stats.acceptance_rate > 0.5  # int8 barely moves the draft's argmax

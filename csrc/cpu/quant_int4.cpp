@@ -69,9 +69,13 @@ at::Tensor permute_x(const at::Tensor& xf, int64_t half) {
 
 template <int NR, int MR>
 INFOPT_AVX512 void int4_tile_avx512(const Int4Args& a, int64_t n0, int64_t m0) {
-  __m512 acc[MR][NR];
+  // Even and odd k accumulate separately when MR == 1 (decode): two FMA chains per row instead
+  // of one, measured +6% on a DRAM-streamed matrix. With MR > 1 that would not fit in 32 zmm.
+  constexpr int NA = MR == 1 ? 2 : 1;
+  __m512 acc[MR][NR][NA];
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < NA; ++j) acc[i][r][j] = _mm512_setzero_ps();
   const __m512 iota =
       _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t g = 0; g < a.G; ++g) {
@@ -86,8 +90,9 @@ INFOPT_AVX512 void int4_tile_avx512(const Int4Args& a, int64_t n0, int64_t m0) {
       __m512 we[NR], wo[NR];
       for (int r = 0; r < NR; ++r) {
         const uint8_t* p = a.w + (n0 + r) * a.kb + k / 2;
-        // Once per cache line: prefetch the next tile's matching line into L2 (see quant_int8).
-        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + NR * a.kb), _MM_HINT_T1);
+        // Once per cache line: request the line kPrefetchAhead bytes on into L2 (quant_common.h).
+        if ((k & 127) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(p + quant::kPrefetchAhead), _MM_HINT_T1);
         // The row's last block may be partial: a masked load never reads past the row's bytes.
         const __m128i raw =
             k + 32 <= a.K
@@ -101,14 +106,17 @@ INFOPT_AVX512 void int4_tile_avx512(const Int4Args& a, int64_t n0, int64_t m0) {
         const float* xr = a.xp + (m0 + i) * a.kp + k;
         const __m512 xe = _mm512_loadu_ps(xr), xo = _mm512_loadu_ps(xr + 16);
         for (int r = 0; r < NR; ++r) {
-          acc[i][r] = _mm512_fmadd_ps(xe, we[r], acc[i][r]);
-          acc[i][r] = _mm512_fmadd_ps(xo, wo[r], acc[i][r]);
+          acc[i][r][0] = _mm512_fmadd_ps(xe, we[r], acc[i][r][0]);
+          acc[i][r][NA - 1] = _mm512_fmadd_ps(xo, wo[r], acc[i][r][NA - 1]);
         }
       }
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) store(a, m0 + i, n0 + r, _mm512_reduce_add_ps(acc[i][r]));
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sum = NA == 2 ? _mm512_add_ps(acc[i][r][0], acc[i][r][NA - 1]) : acc[i][r][0];
+      store(a, m0 + i, n0 + r, _mm512_reduce_add_ps(sum));
+    }
 }
 
 // ---- AVX2+FMA: blocks of 16 k (8 bytes); needs gs % 16 == 0 ----
@@ -138,6 +146,8 @@ INFOPT_AVX2 void int4_tile_avx2(const Int4Args& a, int64_t n0, int64_t m0) {
       __m256 we[NR], wo[NR];
       for (int r = 0; r < NR; ++r) {
         const uint8_t* p = a.w + (n0 + r) * a.kb + k / 2;
+        if ((k & 127) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(p + quant::kPrefetchAhead), _MM_HINT_T1);
         int64_t bytes8 = 0;  // a partial last block is copied so nothing past the row is read
         std::memcpy(&bytes8, p, k + 16 <= a.K ? 8 : static_cast<size_t>((a.K - k + 1) / 2));
         const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes8));

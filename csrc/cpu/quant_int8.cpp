@@ -51,12 +51,11 @@ INFOPT_AVX512 void int8_tile_avx512(const Int8Args& a, int64_t n0, int64_t m0) {
   const float* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.K;
   int64_t k = 0;
-  // 64 k (one cache line per weight row) per step. Each line of the *next* tile (the NR rows
-  // after these, contiguous in memory) is prefetched into L2 while this tile is computed: the
-  // hardware prefetcher alone restarts on every short row and leaves DRAM bandwidth unused.
+  // 64 k (one cache line per weight row) per step; the line kPrefetchAhead bytes further on is
+  // requested into L2 meanwhile (quant_common.h: why and how far).
   for (; k + 64 <= a.K; k += 64) {
     for (int r = 0; r < NR; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + NR * a.K), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + quant::kPrefetchAhead), _MM_HINT_T1);
     for (int j = 0; j < 64; j += 16) {
       __m512 wv[NR];
       for (int r = 0; r < NR; ++r)

@@ -115,7 +115,7 @@ INFOPT_AVX512VNNI void w8a8_tile_vnni(const W8a8Args& a, int64_t n0, int64_t m0)
     __m512i wv[NR];
     for (int r = 0; r < NR; ++r) {
       const int8_t* p = a.w + (n0 + r) * a.K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(p + NR * a.K), _MM_HINT_T1);  // next tile, to L2
+      _mm_prefetch(reinterpret_cast<const char*>(p + quant::kPrefetchAhead), _MM_HINT_T1);
       wv[r] = _mm512_maskz_loadu_epi8(mask, p);
       corr[r] = _mm512_dpbusd_epi32(corr[r], bias, wv[r]);
     }

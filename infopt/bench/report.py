@@ -57,8 +57,11 @@ def _ev(r: ConfigResult, keys: str | tuple[str, ...], fmt: str, scale: float = 1
 
 def format_table(rows: list[ConfigResult]) -> str:
     """One fixed-width line per config, under a header and a rule."""
+    # The name column is as wide as the longest config name, so long names keep the alignment.
+    widths = [w for _, w, _ in _COLUMNS]
+    widths[0] = max([widths[0], *(len(r.name) for r in rows)])
     lines = []
-    for i, (h, w, _) in enumerate(_COLUMNS):
+    for i, ((h, _, _), w) in enumerate(zip(_COLUMNS, widths)):
         lines.append(h.ljust(w) if i == 0 else h.rjust(w))
     out = ["  ".join(lines)]
     out.append("-" * len(out[0]))
@@ -66,8 +69,7 @@ def format_table(rows: list[ConfigResult]) -> str:
         cells = [f(r) for _, _, f in _COLUMNS]
         out.append(
             "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, (_, w, _)) in enumerate(zip(cells, _COLUMNS))
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
             )
         )
     return "\n".join(out)
@@ -97,11 +99,36 @@ def format_header(res: BenchResult) -> str:
             machine,
             f"versions: torch {v['torch']} | transformers {v['transformers']} | "
             f"infopt {v['infopt']} | python {v['python']} | threads {res.threads}",
-            f"run: prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, "
+            f"run: prompt {_prompt_desc(s)}, {s['new_tokens']} new tokens, "
             f"{s['warmup']} warmup + {s['repeats']} timed runs (median); {evals}; "
             f"wall {res.wall_s:.0f} s",
         ]
     )
+
+
+def _prompt_desc(s: dict[str, Any]) -> str:
+    kind = s.get("prompt", "text")
+    if kind == "text":
+        return f"{s['prompt_tokens']} tokens of the eval text"
+    return f"set '{kind}' (timed run j uses prompt j % n)"
+
+
+def format_spec(rows: list[ConfigResult]) -> str:
+    """Acceptance figures of the speculative rows (summed over their timed runs), or ""."""
+    lines = []
+    for r in rows:
+        st = r.spec
+        if not st:
+            continue
+        per_pos = " ".join(f"{a:.2f}" for a in st["acceptance_rate_per_position"][:8])
+        lines.append(
+            f"  {r.name}: acceptance {st['acceptance_rate']:.3f} "
+            f"({st['accepted']}/{st['proposed']} drafted tokens), "
+            f"{st['tokens_per_step']:.2f} tokens per target forward step, "
+            f"{st['target_forwards']} target / {st['draft_forwards']} draft forwards; "
+            f"per position: {per_pos}"
+        )
+    return "speculative acceptance (timed runs):\n" + "\n".join(lines) if lines else ""
 
 
 def format_notes(res: BenchResult) -> str:
@@ -125,6 +152,8 @@ def format_notes(res: BenchResult) -> str:
 def format_report(res: BenchResult) -> str:
     """Header, table, notes and the kernel backend report, as printed by ``infopt bench``."""
     parts = [format_header(res), "", format_table(res.rows), "", format_notes(res)]
+    if spec := format_spec(res.rows):
+        parts += ["", spec]
     if res.backend_report_text:
         parts += ["", res.backend_report_text.rstrip()]
     return "\n".join(parts)

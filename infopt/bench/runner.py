@@ -9,6 +9,7 @@ against the baseline model (``infopt.eval.compare``), which stays loaded for the
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -34,6 +35,8 @@ Loader = Callable[[str, torch.dtype, str], tuple[Any, Any]]  # (name, dtype, dev
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CONFIGS = ("baseline", "bf16")
 DEFAULT_PROMPT_TOKENS = 128
+PROMPT_SETS = ("text", "code", "grounded")
+DEFAULT_PROMPT = "text"
 DEFAULT_NEW_TOKENS = 64
 DEFAULT_REPEATS = 3
 DEFAULT_WARMUP = 1
@@ -63,6 +66,8 @@ class ConfigResult:
     raw: dict[str, list[float]]
     eval: dict[str, Any] | None = None
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: speculative rows: acceptance counters summed over the timed runs (SpecStats.to_dict)
+    spec: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -118,6 +123,7 @@ def run_bench(
     device: str = "cpu",
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     new_tokens: int = DEFAULT_NEW_TOKENS,
+    prompt: str = DEFAULT_PROMPT,
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
@@ -135,7 +141,13 @@ def run_bench(
         model: registry name or path given to ``infopt.models.load_model``.
         configs: names (``"baseline,bf16"`` or a list) or :class:`BenchConfig` objects; the
             baseline is always run first (prepended when missing).
-        prompt_tokens: prompt length in tokens, cut from the evaluation text.
+        prompt_tokens: prompt length in tokens, cut from the evaluation text (``prompt="text"``).
+        prompt: what is generated from: ``"text"`` (the first ``prompt_tokens`` tokens of the
+            evaluation text), ``"code"`` (``infopt.eval.CODE_PROMPTS``: code completion, where a
+            draft model helps) or ``"grounded"`` (``infopt.eval.GROUNDED_PROMPTS``: edits whose
+            answer copies the prompt, where prompt lookup helps). With several prompts, timed
+            run ``j`` uses prompt ``j % n`` (the same sequence for every config), so use
+            ``repeats`` >= the number of prompts to cover them all.
         new_tokens: tokens generated per timed run (exactly; EOS is suppressed).
         repeats / warmup: timed runs (median reported, min/max kept) / untimed runs before.
         eval_tokens / eval_prompts: text tokens and greedy prompts for ``infopt.eval.compare``;
@@ -156,6 +168,8 @@ def run_bench(
     ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{arg} must be an integer >= {lo}, got {v!r}")
+    if prompt not in PROMPT_SETS:
+        raise ValueError(f"prompt must be one of {PROMPT_SETS}, got {prompt!r}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
@@ -165,6 +179,7 @@ def run_bench(
     settings = {
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
+        "prompt": prompt,
         "repeats": repeats,
         "warmup": warmup,
         "eval_tokens": eval_tokens,
@@ -204,7 +219,8 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
     repeats, warmup = settings["repeats"], settings["warmup"]
     eval_tokens, eval_prompts = settings["eval_tokens"], settings["eval_prompts"]
     rows: list[ConfigResult] = []
-    baseline_model = tokenizer = prompt = None
+    baseline_model = tokenizer = None
+    prompts: list[torch.Tensor] = []
     for cfg in cfgs:
         gc.collect()
         _release_freed_memory(dev)
@@ -217,16 +233,20 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
         m.eval()
         if baseline_model is None:  # first config is the baseline (resolve_configs ensures it)
             baseline_model, tokenizer = m, tok
-            prompt = _prompt_ids(tokenizer, text, prompt_tokens).to(dev)
+            kind = settings["prompt"]
+            prompts = [p.to(dev) for p in _prompts(tokenizer, text, kind, prompt_tokens)]
         pad = _pad_token_id(tokenizer)
 
         log(f"{cfg.name}: timing {warmup} warmup + {repeats} runs of {new_tokens} tokens")
         timings: list[GenTiming] = []
+        spec_runs: list[Any] = []
         with PeakMemory(dev) as peak:
             for _ in range(warmup):
-                timed_generate(m, prompt, new_tokens, pad_token_id=pad, clock=clock)
-            for _ in range(repeats):
-                timings.append(timed_generate(m, prompt, new_tokens, pad_token_id=pad, clock=clock))
+                timed_generate(m, prompts[0], new_tokens, pad_token_id=pad, clock=clock)
+            for j in range(repeats):
+                ids = prompts[j % len(prompts)]
+                timings.append(timed_generate(m, ids, new_tokens, pad_token_id=pad, clock=clock))
+                spec_runs.append(_spec_stats(m))
         ttft = [t.ttft_s * 1e3 for t in timings]
         rate = [t.decode_tok_s for t in timings]
         row = ConfigResult(
@@ -240,6 +260,7 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
             mem_before_load_bytes=mem_before,
             mem_method=peak.method,
             raw={"ttft_ms": ttft, "decode_tok_s": rate, "total_s": [t.total_s for t in timings]},
+            spec=_sum_spec_stats(spec_runs),
         )
         if eval_tokens > 0 and cfg.name != BASELINE:
             log(f"{cfg.name}: quality vs {BASELINE} ({eval_tokens} tokens, {eval_prompts} prompts)")
@@ -378,6 +399,36 @@ def model_bytes(model: torch.nn.Module) -> int:
     for t in (*model.parameters(), *model.buffers()):
         add(t.data if isinstance(t, torch.nn.Parameter) else t)
     return total
+
+
+def _spec_stats(model: Any) -> Any:
+    """The SpecStats of ``model``'s last speculative generate, or None (not speculative)."""
+    spec = sys.modules.get("infopt.speculative")  # never imported here: only if it was applied
+    return None if spec is None else spec.last_stats(model)
+
+
+def _sum_spec_stats(runs: list[Any]) -> dict[str, Any] | None:
+    """Counters of the timed runs added up (rates are recomputed from the sums)."""
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        return None
+    total = copy.deepcopy(runs[0])
+    for r in runs[1:]:
+        total.merge(r)
+    return total.to_dict()
+
+
+def _prompts(tokenizer: Any, text: str | None, kind: str, n: int) -> list[torch.Tensor]:
+    """Prompt ids ``[1, L]`` for ``run_bench(prompt=kind)``."""
+    if kind == "text":
+        return [_prompt_ids(tokenizer, text, n)]
+    from infopt.eval import CODE_PROMPTS, GROUNDED_PROMPTS
+
+    texts = CODE_PROMPTS if kind == "code" else GROUNDED_PROMPTS
+    return [
+        torch.tensor([tokenizer.encode(t, add_special_tokens=False)], dtype=torch.long)
+        for t in texts
+    ]
 
 
 def _prompt_ids(tokenizer: Any, text: str | None, n: int) -> torch.Tensor:

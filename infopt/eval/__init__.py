@@ -23,6 +23,7 @@ from .metrics import (
 from .texts import (
     CODE_PROMPTS,
     DEFAULT_TEXT,
+    GROUNDED_PROMPTS,
     LEE_SHA256,
     TEXT_NAMES,
     cache_dir,
@@ -37,6 +38,7 @@ from .texts import (
 __all__ = [
     "CODE_PROMPTS",
     "DEFAULT_TEXT",
+    "GROUNDED_PROMPTS",
     "LEE_SHA256",
     "TEXT_NAMES",
     "CompareResult",

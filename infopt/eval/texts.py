@@ -29,6 +29,7 @@ from pathlib import Path
 __all__ = [
     "CODE_PROMPTS",
     "DEFAULT_TEXT",
+    "GROUNDED_PROMPTS",
     "LEE_SHA256",
     "TEXT_NAMES",
     "cache_dir",
@@ -258,4 +259,66 @@ CODE_PROMPTS: tuple[str, ...] = (
     '    """Sort a list of integers with the quicksort algorithm."""\n',
     "def is_palindrome(s: str) -> bool:\n"
     '    """Return True if s reads the same backwards, ignoring case and spaces."""\n',
+)
+
+_MOVING_AVERAGE = '''def moving_average(values, window):
+    """Return the moving averages of values over a sliding window."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+'''
+
+_LRU = '''class LRUCache:
+    """A fixed-capacity mapping that evicts the least recently used key."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.data = {}
+        self.order = []
+
+    def get(self, key, default=None):
+        if key not in self.data:
+            return default
+        self.order.remove(key)
+        self.order.append(key)
+        return self.data[key]
+
+    def put(self, key, value):
+        if key in self.data:
+            self.order.remove(key)
+        elif len(self.data) >= self.capacity:
+            oldest = self.order.pop(0)
+            del self.data[oldest]
+        self.data[key] = value
+        self.order.append(key)
+'''
+
+_REPORT = '''def summarize(rows):
+    """Print the count, mean and maximum of the score column."""
+    scores = [row["score"] for row in rows if row.get("score") is not None]
+    if not scores:
+        print("no scores")
+        return None
+    mean = sum(scores) / len(scores)
+    print("count:", len(scores))
+    print("mean:", mean)
+    print("max:", max(scores))
+    return mean
+'''
+
+# Input-grounded edits for code models: the answer copies most of the given code, which is
+# where prompt-lookup drafting pays off (and how editing assistants are used).
+GROUNDED_PROMPTS: tuple[str, ...] = (
+    "# Original:\n" + _MOVING_AVERAGE + "\n\n# The same function with `values` renamed to `xs`:\n",
+    "# Original:\n" + _LRU + "\n\n# The same class with the method `get` renamed to `lookup`:\n",
+    "# Original:\n" + _REPORT + "\n\n# The same function using logging.info instead of print:\n"
+    "import logging\n\n\n",
 )

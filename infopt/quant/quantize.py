@@ -145,6 +145,7 @@ def quantize_model(
             "original floating-point model instead"
         )
     targets = select_targets(model, config)
+    head = _output_head_name(model, targets) if config.lm_head is not None else None
 
     rest = targets
     if config.calibrated:
@@ -176,5 +177,25 @@ def quantize_model(
 
     rest_set = set(rest)
     replace_modules(model, lambda m, n: n in rest_set, lambda m, n: _rtn_module(config, m))
+    if config.lm_head == "int8":
+        replace_modules(model, lambda m, n: n == head, lambda m, n: Int8Linear.from_linear(m))
     setattr(model, QUANT_ATTR, config.to_dict())
     return model
+
+
+def _output_head_name(model: nn.Module, targets: list[str]) -> str:
+    """Dotted name of ``model``'s output head for ``lm_head="int8"`` (checked before any change)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            "lm_head='int8' needs a model whose get_output_embeddings() is an nn.Linear, got "
+            f"{type(head).__name__}"
+        )
+    name = next(n for n, m in model.named_modules() if m is head)
+    if name in targets:
+        raise ValueError(
+            f"lm_head='int8' but the output head {name!r} is also selected by include/skip; "
+            "keep it in skip (the default) to quantize it int8"
+        )
+    return name

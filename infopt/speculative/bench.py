@@ -9,17 +9,25 @@ not a submodule of the target).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch.nn as nn
 
+from ..quant.config import Int4WeightOnlyConfig
 from .config import DraftModelConfig
 
 QWEN_DRAFT = "qwen2.5-coder-0.5b"
 
 
-def _hf_assisted(model: nn.Module) -> nn.Module:
-    # Peer: HF's own assisted generation with the same draft model.
-    draft = DraftModelConfig(QWEN_DRAFT).load(model)
+def _int4_draft() -> Int4WeightOnlyConfig:
+    # The draft's tied 151936 x 896 head is most of what an int4 draft reads per token: int8.
+    return Int4WeightOnlyConfig(lm_head="int8")
+
+
+def _hf_assisted(model: nn.Module, quant: Any = None) -> nn.Module:
+    # Peer: HF's own assisted generation with the same draft model (quantized by infopt when
+    # ``quant`` is given, so the int4-draft rows compare the speculation loops, not the drafts).
+    draft = DraftModelConfig(QWEN_DRAFT, quant=quant).load(model)
     model.generate = functools.partial(model.generate, assistant_model=draft)
     return model
 
@@ -50,9 +58,19 @@ def register_bench_configs() -> None:
             wrap_options={"spec": DraftModelConfig(QWEN_DRAFT)},
         ),
         BenchConfig(
+            "spec-draft-qwen0.5b-int4",
+            f"speculative: {QWEN_DRAFT} drafts, draft int4 + int8 head (output still exact)",
+            wrap_options={"spec": DraftModelConfig(QWEN_DRAFT, quant=_int4_draft())},
+        ),
+        BenchConfig(
             "hf-assisted-qwen0.5b",
             f"peer: HF assisted generation, {QWEN_DRAFT} draft",
             apply=_hf_assisted,
+        ),
+        BenchConfig(
+            "hf-assisted-qwen0.5b-int4",
+            f"peer: HF assisted generation, {QWEN_DRAFT} draft int4 + int8 head (by infopt)",
+            apply=functools.partial(_hf_assisted, quant=_int4_draft()),
         ),
         BenchConfig(
             "hf-prompt-lookup",

@@ -96,12 +96,29 @@ class LayerSkipConfig(SpecConfig):
 class DraftModelConfig(SpecConfig):
     """A separate draft model, by infopt registry name (``load_model`` names) or local path.
 
-    ``dtype`` (e.g. ``"bfloat16"``) defaults to the target's parameter dtype.
+    ``dtype`` (e.g. ``"bfloat16"``) defaults to the target's parameter dtype. ``quant`` (a
+    ``wrap_model(quant=...)`` alias such as ``"int8"`` / ``"int4"``, or a
+    :class:`~infopt.quant.QuantConfig`) quantizes the *draft* after loading: a cheaper draft
+    makes every speculation step cheaper, and the output stays exactly the target's (the target
+    verifies every token); only the acceptance rate can change.
     """
 
     VERSION = 1
     draft_model: str = "qwen2.5-coder-0.5b"
     dtype: str | None = None
+    quant: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quant is not None:
+            from ..quant import ALIASES as QUANT_ALIASES
+            from ..quant import QuantConfig
+
+            if not isinstance(self.quant, QuantConfig) and self.quant not in QUANT_ALIASES:
+                raise ValueError(
+                    f"quant must be None, a QuantConfig or one of {sorted(QUANT_ALIASES)}, "
+                    f"got {self.quant!r}"
+                )
 
     def load(self, target: nn.Module) -> nn.Module:
         from ..models import load_model
@@ -112,6 +129,10 @@ class DraftModelConfig(SpecConfig):
         model, _ = load_model(self.draft_model, **kwargs)
         if p is not None:
             model = model.to(p.device)
+        if self.quant is not None:
+            from ..api import wrap_model
+
+            model = wrap_model(model, quant=self.quant)
         return model.eval()
 
     def build(self, target: nn.Module) -> Any:

@@ -83,6 +83,18 @@ class SpecStats:
             for j in range(nk):
                 self.accepted_per_position[j] += 1
 
+    def merge(self, other: SpecStats) -> None:
+        """Add ``other``'s counters to these (e.g. to sum several generate calls)."""
+        for f in ("proposed", "accepted", "emitted", "row_steps", "target_forwards",
+                  "draft_forwards", "wall_time_s"):  # fmt: skip
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        for f in ("proposed_per_position", "accepted_per_position"):
+            mine, theirs = getattr(self, f), getattr(other, f)
+            mine += [0] * (len(theirs) - len(mine))
+            for j, v in enumerate(theirs):
+                mine[j] += v
+        self.draft_lengths += other.draft_lengths
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(
