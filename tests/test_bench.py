@@ -262,6 +262,36 @@ def test_run_bench_with_real_compare():
     assert last[0] == "bf16" and "-" not in last[-4:]  # KL, top1, greedy columns filled
 
 
+def test_quality_hook_overrides_compare_figures():
+    seen = []
+
+    def through_cache(ref, cand, tok, text, max_tokens):
+        seen.append((ref is not cand, text == TEXT, max_tokens))
+        return {"ppl_cand": 11.0, "ppl_ref": 10.5, "kl_mean": 0.02, "source": "compare + kvcache"}
+
+    hooked = BenchConfig("hooked", "quality hook", dtype=torch.bfloat16, quality=through_cache)
+    res = run_bench(
+        "tiny", ["bf16", hooked], loader=tiny_loader(), text=TEXT, compare_fn=FakeCompare(),
+        prompt_tokens=8, new_tokens=3, repeats=1, warmup=0, eval_tokens=64, eval_prompts=2,
+        progress=False,
+    )  # fmt: skip
+    base, bf16, row = res.rows
+    assert seen == [(True, True, 64)]
+    assert row.eval["ppl_cand"] == 11.0 and row.eval["kl_mean"] == 0.02
+    assert row.eval["top1_agreement"] == bf16.eval["top1_agreement"]  # compare's, kept
+    assert bf16.eval["kl_mean"] == 0.01  # rows without a hook are untouched
+    # the baseline's identity row takes its ppl from a compare-only row, not the hooked one
+    assert base.eval["ppl_cand"] == bf16.eval["ppl_ref"] != 10.5
+    assert "hooked: ppl/KL/top1 decoded through the KV cache" in res.format_table()
+    assert row.config["quality"].endswith("through_cache")
+
+
+def test_kv_rows_score_quality_through_the_cache():
+    pytest.importorskip("infopt.kvcache")
+    for name in ("paged", "paged-int8", "paged-fp8", "paged-prefix"):
+        assert get_bench_config(name).quality is not None, name
+
+
 def test_eval_skipped_and_baseline_alone():
     res = run_bench(
         "tiny", "baseline", loader=tiny_loader(), text=TEXT, prompt_tokens=8, new_tokens=3,

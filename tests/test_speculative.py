@@ -425,3 +425,41 @@ def test_quantized_draft_model_config_is_exact(target, monkeypatch):
     out = sp.generate(target, ids, cfg, 20)
     assert torch.equal(out.sequences, hf_greedy(target, ids, 20))
     assert out.stats.acceptance_rate > 0.5  # int8 barely moves the draft's argmax
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.5, 0.99])
+def test_confidence_stop_is_exact_and_shortens_drafts(target, other_draft, threshold):
+    g = torch.Generator().manual_seed(11)
+    lens = [7, 2, 5]
+    plen = max(lens)
+    ids = torch.zeros(len(lens), plen, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        ids[b, plen - n :] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[b, plen - n :] = 1
+    for draft_model in (target, other_draft):
+        draft = sp.ModelDraft(draft_model, stop_confidence=threshold)
+        out = sp.generate(target, ids, draft, 20, attention_mask=mask, num_draft_tokens=6,
+                          adaptive=False)  # fmt: skip
+        for b, n in enumerate(lens):
+            ref = hf_greedy(target, ids[b : b + 1, plen - n :], 20)
+            assert out.sequences[b, plen:].tolist() == ref[0, n:].tolist(), (threshold, b)
+        # one batch-1 row: threshold 0 drafts exactly as without a threshold; near 1 drafts
+        # stop after their first token (tiny random models are never that sure)
+        row = ids[:1, plen - 7 :]
+        one = sp.generate(target, row, draft, 20, num_draft_tokens=6, adaptive=False)
+        plain = sp.generate(target, row, sp.ModelDraft(draft_model), 20, num_draft_tokens=6,
+                            adaptive=False)  # fmt: skip
+        if threshold == 0.0:
+            assert one.stats.proposed == plain.stats.proposed
+        if threshold == 0.99:
+            assert max(one.stats.draft_lengths) == 1 and one.stats.proposed < plain.stats.proposed
+        if draft_model is target:  # a self-draft is always right, however short
+            assert one.stats.accepted == one.stats.proposed > 0
+
+
+def test_stop_confidence_is_validated():
+    with pytest.raises(ValueError, match="stop_confidence must be None or"):
+        sp.DraftModelConfig("x", stop_confidence=1.0)
+    with pytest.raises(ValueError, match="stop_confidence must be None or"):
+        sp.ModelDraft(tiny_llama(0), stop_confidence=-0.1)

@@ -35,6 +35,11 @@ class BenchConfig:
         wrap_options: keyword arguments for ``infopt.wrap_model``; ``{}`` is an exact no-op.
         apply: optional ``model -> model`` callable used *instead of* ``wrap_model`` (for peer
             libraries that infopt does not wrap itself). Mutually exclusive with ``wrap_options``.
+        quality: optional ``(reference, candidate, tokenizer, text, max_tokens) -> dict`` run
+            after ``infopt.eval.compare`` for this row; its keys (e.g. ``ppl_cand``,
+            ``kl_mean``) replace compare's. For optimizations compare cannot see: compare
+            scores with ``use_cache=False`` forwards, so a KV-cache row needs a check that
+            reads the cache (``infopt.kvcache.quality``).
     """
 
     name: str
@@ -42,6 +47,7 @@ class BenchConfig:
     dtype: torch.dtype = torch.float32
     wrap_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     apply: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    quality: Callable[..., dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "," in self.name or self.name != self.name.strip():
@@ -57,6 +63,7 @@ class BenchConfig:
             "dtype": str(self.dtype).removeprefix("torch."),
             "wrap_options": {k: _json_safe(v) for k, v in self.wrap_options.items()},
             "apply": None if self.apply is None else _qualname(self.apply),
+            "quality": None if self.quality is None else _qualname(self.quality),
         }
 
 
@@ -145,7 +152,6 @@ for _name, _desc, _opts in (
     ("int4-gptq", "quant: int4 GPTQ + act_order, group 128 (calibrated)", {"quant": "int4-gptq"}),
     ("w8a8", "quant: SmoothQuant W8A8, dynamic per-token int8 activations", {"quant": "w8a8"}),
     ("fp8", "quant: fp8 e4m3 weights + activations (emulated on CPU)", {"quant": "fp8"}),
-    ("paged", "kv: paged KV cache + paged attention ops", {"kv": "paged"}),
 ):
     register_bench_config(BenchConfig(_name, _desc, wrap_options=_opts))
 
@@ -153,8 +159,8 @@ for _name, _desc, _opts in (
 def _register_full_quant_rows() -> None:
     # lm_head is skipped by default (QuantConfig.skip). On a large-vocabulary model it is a big
     # share of the weights read per token (Qwen2.5-1.5B: 151936 x 1536, 0.93 GB in fp32, 13 %
-    # of the model) and caps the decode speedup, so these rows quantize it int8 as well
-    # (int4 for the head costs too much quality: +55 % ppl on SmolLM2-135M vs +29 % without).
+    # of the model) and caps the decode speedup, so these rows quantize it int8 as well. An int4
+    # head costs quality on small models (SmolLM2-135M: +55 % ppl vs +29 % with an fp32 head).
     from ..quant.config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     for name, desc, cfg in (
@@ -164,6 +170,9 @@ def _register_full_quant_rows() -> None:
          Int4WeightOnlyConfig(lm_head="int8")),
         ("int4-awq-head8", "quant: int4 AWQ g128, lm_head int8",
          Int4WeightOnlyConfig(method="awq", lm_head="int8")),
+        # torchao's / gpt-fast's int4 scope: every nn.Linear, the head too.
+        ("int4-all", "quant: int4 RTN g128 on every nn.Linear incl. lm_head",
+         Int4WeightOnlyConfig(skip=())),
     ):  # fmt: skip
         register_bench_config(BenchConfig(name, desc, wrap_options={"quant": cfg}))
 

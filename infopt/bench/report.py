@@ -149,9 +149,21 @@ def format_notes(res: BenchResult) -> str:
     )
 
 
+def _quality_hook_note(res: BenchResult) -> str:
+    hooked = [r.name for r in res.rows if "kvcache" in str((r.eval or {}).get("source", ""))]
+    if not hooked:
+        return ""
+    return (
+        f"{', '.join(hooked)}: ppl/KL/top1 decoded through the KV cache in chunks "
+        "(infopt.kvcache.quality), since compare's use_cache=False forwards never read it."
+    )
+
+
 def format_report(res: BenchResult) -> str:
     """Header, table, notes and the kernel backend report, as printed by ``infopt bench``."""
     parts = [format_header(res), "", format_table(res.rows), "", format_notes(res)]
+    if note := _quality_hook_note(res):
+        parts.append(note)
     if spec := format_spec(res.rows):
         parts += ["", spec]
     if res.backend_report_text:

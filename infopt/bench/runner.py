@@ -267,6 +267,10 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
             row.eval = _evaluate(
                 compare_fn, baseline_model, m, tokenizer, text, eval_tokens, eval_prompts
             )
+            if cfg.quality is not None:
+                log(f"{cfg.name}: {_qualname_short(cfg.quality)} ({eval_tokens} tokens)")
+                extra = cfg.quality(baseline_model, m, tokenizer, text, eval_tokens)
+                row.eval.update({k: _as_py(v) for k, v in extra.items()})
         rows.append(row)
         log(
             f"{cfg.name}: TTFT {row.ttft_ms['median']:.1f} ms, "
@@ -282,6 +286,10 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
     del baseline_model
     gc.collect()
     return rows, backend
+
+
+def _qualname_short(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def _evaluate(compare_fn, ref, cand, tok, text, eval_tokens, eval_prompts) -> dict[str, Any]:
@@ -312,7 +320,10 @@ def _fill_baseline_eval(
     budget); only when the baseline runs alone is ``compare`` called, to measure that ppl.
     """
     base = rows[0]
-    other = next((r.eval for r in rows[1:] if r.eval), None)
+    # Prefer a row scored by compare alone: a row with a ``quality`` hook (KV cache) overwrote
+    # ppl_ref with its own, chunked-through-the-cache perplexity of the baseline.
+    scored = [r.eval for r in rows[1:] if r.eval]
+    other = next((e for e in scored if e.get("source") == "compare"), scored[0] if scored else None)
     if other is None:
         log(f"{BASELINE}: quality vs itself ({eval_tokens} tokens)")
         base.eval = _evaluate(

@@ -49,10 +49,22 @@ __all__ = [
 
 register_option("kv", KVConfig, KV_ALIASES, description="paged KV cache + paged attention kernels")
 
-# Bench rows for the kv phases ("paged" itself lives with the builtins in infopt.bench.configs).
-# The bench's quality columns come from infopt.eval.compare (use_cache=False forwards), which
-# never read the KV cache; the cache-read quality of these rows is infopt.kvcache.quality.
+# Bench rows. Their quality columns come from infopt.kvcache.quality.compare_through_cache
+# (chunked decoding through the cache, so a quantized or evicting cache is actually read);
+# infopt.eval.compare alone scores use_cache=False forwards, which never touch the KV cache.
+def _quality_through_cache(reference, candidate, tokenizer, text, max_tokens):
+    from .quality import compare_through_cache
+
+    res = compare_through_cache(
+        reference, candidate, tokenizer, text, max_tokens=max_tokens, window=min(512, max_tokens)
+    )
+    d = res.to_dict()
+    d["source"] = "compare + kvcache.quality.compare_through_cache (ppl, KL, top1)"
+    return d
+
+
 for _name, _desc in (
+    ("paged", "kv: paged KV cache + paged attention ops"),
     (
         "paged-prefix",
         "kv: paged + prefix caching (the bench repeats one prompt: timed runs are prefix hits)",
@@ -60,7 +72,10 @@ for _name, _desc in (
     ("paged-int8", "kv: paged, int8 K/V with per-token per-head scales"),
     ("paged-fp8", "kv: paged, float8_e4m3fn K/V with per-token per-head scales"),
 ):
-    register_bench_config(BenchConfig(_name, _desc, wrap_options={"kv": _name}))
+    register_bench_config(
+        BenchConfig(_name, _desc, wrap_options={"kv": _name}, quality=_quality_through_cache),
+        overwrite=True,
+    )
 
 
 @register_handler(KVConfig)

@@ -153,8 +153,14 @@ class ModelDraft:
     top-k / top-p / EOS suppression as the target), returned as ``q``.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, stop_confidence: float | None = None):
+        if stop_confidence is not None and not 0.0 <= stop_confidence < 1.0:
+            raise ValueError(f"stop_confidence must be None or in [0, 1), got {stop_confidence!r}")
         self.model = model
+        # Drafting stops for a row once the draft's probability of its own token drops below
+        # this (HF's assistant_confidence_threshold): long drafts where the draft is sure, short
+        # ones where it guesses. The output stays exact: only the draft length changes.
+        self.stop_confidence = stop_confidence
         self.lm = CachedLM(model)
         self._lens: list[int] = []
         self._valid: list[int] = []
@@ -182,24 +188,34 @@ class ModelDraft:
         gen_base = torch.tensor([n - ctx.prompt_len for n in ctx.lens], device=dev)  # [B]
         act = torch.tensor(ctx.active, device=dev)
         toks, probs = [], []
+        fed = 0  # draft tokens fed back through the draft after the first chunk
+        drafting = act.clone()  # rows still drafting (confidence stop)
         with torch.inference_mode(), self._scope():
             logits = self.lm.forward(chunk, valid, keep=keep)
             at = torch.tensor(m, device=dev) - 1 - (width - keep)  # [B]
             last = logits[torch.arange(len(m), device=dev), at]  # [B, V]
             for j in range(k):
                 tok, q = self._choose(last, gen_base + j, ctx)
-                tok = torch.where(act, tok, torch.full_like(tok, NO_TOKEN))
+                if self.stop_confidence is not None:
+                    p = q if q is not None else ctx.sampling.probs(last, gen_base + j)
+                    conf = p.gather(1, tok.unsqueeze(1)).squeeze(1)
+                tok = torch.where(drafting, tok, torch.full_like(tok, NO_TOKEN))
                 toks.append(tok)
                 if q is not None:
                     probs.append(q)
+                if self.stop_confidence is not None:
+                    drafting &= conf >= self.stop_confidence  # this token stays, later ones go
+                    if not bool(drafting.any()):
+                        break
                 if j + 1 < k:
                     # Every step token is real for its row (finished rows: ignored junk), so
                     # the step is all-valid; holes from the first chunk stay masked.
                     last = self.lm.forward(tok.clamp(min=0).unsqueeze(1), None, keep=1)[:, -1]
-        # Rows fed without right padding have their first k-1 drafts densely in the cache;
+                    fed += 1
+        # Rows fed without right padding have their first `fed` drafts densely in the cache;
         # padded rows have holes after lens[b], so only their committed prefix is reusable.
         self._lens = list(ctx.lens)
-        self._valid = [ctx.lens[b] + (k - 1 if m[b] == width else 0) for b in range(len(m))]
+        self._valid = [ctx.lens[b] + (fed if m[b] == width else 0) for b in range(len(m))]
         self._active = list(ctx.active)
         tokens = torch.stack(toks, dim=1)
         return Proposal(tokens, torch.stack(probs, dim=1) if probs else None)
