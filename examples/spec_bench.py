@@ -4,8 +4,8 @@ Two tasks, batch 1, exactly ``--new-tokens`` greedy tokens per prompt (EOS suppr
 ``min_new_tokens``, as ``infopt bench`` does), timed through ``model.generate`` + a streamer:
 
 * ``code``: code-completion prompts (``infopt.eval.CODE_PROMPTS``) - where a draft model helps;
-* ``grounded``: an input-grounded edit (rewrite a given function / passage) - where prompt
-  lookup helps, since the output copies the input.
+* ``grounded``: input-grounded edits of given code (``infopt.eval.GROUNDED_PROMPTS``) - where
+  prompt lookup helps, since the output copies the input.
 
 Rows: ``target`` (HF greedy, the reference), infopt ``prompt_lookup`` / ``layer_skip`` /
 ``draft:<name>``, and HF's own assisted generation (``assistant_model=`` and
@@ -28,42 +28,6 @@ import torch
 import infopt
 from infopt import speculative as sp
 from infopt.bench.timing import TimingStreamer
-
-GROUNDED_CODE = '''def moving_average(values, window):
-    """Return the moving averages of values over a sliding window."""
-    if window <= 0:
-        raise ValueError("window must be positive")
-    result = []
-    total = 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        if i >= window - 1:
-            result.append(total / window)
-    return result
-'''
-
-
-def grounded_prompts(n: int) -> list[str]:
-    """Input-grounded edits: the answer mostly copies text that is in the prompt."""
-    prompts = [
-        "# Original function:\n"
-        + GROUNDED_CODE
-        + "\n# The same function with the parameter `values` renamed to `xs`:\n",
-    ]
-    try:  # a news passage to rewrite, if the eval corpus is available offline
-        from infopt.eval import lee_articles
-
-        art = " ".join(lee_articles()[3].split()[:120])
-        prompts.append(f"Article: {art}\n\nThe article again, with every number spelled out:\n")
-    except Exception:  # noqa: BLE001 - the corpus is optional here
-        prompts.append(
-            "# Original function:\n"
-            + GROUNDED_CODE
-            + "\n# The same function with type hints added:\n"
-        )
-    return (prompts * n)[:n]
 
 
 def timed(gen, ids: torch.Tensor, n: int) -> tuple[list[int], float, float]:
@@ -96,7 +60,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from infopt.eval import CODE_PROMPTS
+    from infopt.eval import CODE_PROMPTS, GROUNDED_PROMPTS
 
     model, tok = infopt.load_model(args.target)
     draft = infopt.load_model(args.draft)[0] if args.draft else None
@@ -151,7 +115,7 @@ def main() -> None:
 
     tasks = {
         "code": list(CODE_PROMPTS[: args.n_prompts]),
-        "grounded": grounded_prompts(args.n_prompts),
+        "grounded": list(GROUNDED_PROMPTS[: args.n_prompts]),
     }
     rows = []
     for task in [t for t in args.tasks.split(",") if t]:

@@ -122,6 +122,25 @@ struct Out {
   }
 };
 
+// Decode driver shared by the three ops: rows [n_begin, n_end) x all M of y, NR=4 weight rows
+// per tile (a ragged rest one at a time), M in tiles of 4 then 1. A macro, not a template,
+// because each instantiation must carry its ISA's target attribute (ATTR) for the tile to be
+// inlined. ARGS is the op's argument struct (with an int64_t M), TILE<NR, MR>(a, n0, m0).
+#define INFOPT_TILE_RANGE(NAME, ARGS, TILE, ATTR)                   \
+  ATTR void NAME(const ARGS& a, int64_t n_begin, int64_t n_end) { \
+    int64_t n = n_begin;                                          \
+    for (; n + 4 <= n_end; n += 4) {                              \
+      int64_t m = 0;                                              \
+      for (; m + 4 <= a.M; m += 4) TILE<4, 4>(a, n, m);           \
+      for (; m < a.M; ++m) TILE<4, 1>(a, n, m);                   \
+    }                                                             \
+    for (; n < n_end; ++n) {                                      \
+      int64_t m = 0;                                              \
+      for (; m + 4 <= a.M; m += 4) TILE<1, 4>(a, n, m);           \
+      for (; m < a.M; ++m) TILE<1, 1>(a, n, m);                   \
+    }                                                             \
+  }
+
 // Rows of W per parallel task so one task streams >= ~64 KiB of weights (thread wake-up costs
 // a few microseconds; tiny k/v projections shouldn't be split finer than that).
 inline int64_t row_grain(int64_t k_bytes_per_row) {

@@ -218,24 +218,9 @@ INFOPT_AVX2 void dequant_rows_avx2(const Int4Args& a, int64_t n0, int64_t n1, fl
   }
 }
 
-#define INFOPT_INT4_RANGE(NAME, TILE, ATTR)                           \
-  ATTR void NAME(const Int4Args& a, int64_t n_begin, int64_t n_end) { \
-    int64_t n = n_begin;                                              \
-    for (; n + 4 <= n_end; n += 4) {                                  \
-      int64_t m = 0;                                                  \
-      for (; m + 4 <= a.M; m += 4) TILE<4, 4>(a, n, m);               \
-      for (; m < a.M; ++m) TILE<4, 1>(a, n, m);                       \
-    }                                                                 \
-    for (; n < n_end; ++n) {                                          \
-      int64_t m = 0;                                                  \
-      for (; m + 4 <= a.M; m += 4) TILE<1, 4>(a, n, m);               \
-      for (; m < a.M; ++m) TILE<1, 1>(a, n, m);                       \
-    }                                                                 \
-  }
 
-INFOPT_INT4_RANGE(int4_range_avx512, int4_tile_avx512, INFOPT_AVX512)
-INFOPT_INT4_RANGE(int4_range_avx2, int4_tile_avx2, INFOPT_AVX2)
-#undef INFOPT_INT4_RANGE
+INFOPT_TILE_RANGE(int4_range_avx512, Int4Args, int4_tile_avx512, INFOPT_AVX512)
+INFOPT_TILE_RANGE(int4_range_avx2, Int4Args, int4_tile_avx2, INFOPT_AVX2)
 
 #endif  // __x86_64__
 

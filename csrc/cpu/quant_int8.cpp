@@ -167,29 +167,12 @@ void int8_tile_scalar(const Int8Args& a, int64_t n0, int64_t m0) {
   }
 }
 
-// Rows [n_begin, n_end) x all M: NR=4 weight rows per tile (a ragged rest one at a time), M in
-// tiles of 4 then 1. Instantiated per ISA through the Tile template-template parameter.
-#define INFOPT_INT8_RANGE(NAME, TILE, ATTR)                                   \
-  ATTR void NAME(const Int8Args& a, int64_t n_begin, int64_t n_end) {         \
-    int64_t n = n_begin;                                                      \
-    for (; n + 4 <= n_end; n += 4) {                                          \
-      int64_t m = 0;                                                          \
-      for (; m + 4 <= a.M; m += 4) TILE<4, 4>(a, n, m);                       \
-      for (; m < a.M; ++m) TILE<4, 1>(a, n, m);                               \
-    }                                                                         \
-    for (; n < n_end; ++n) {                                                  \
-      int64_t m = 0;                                                          \
-      for (; m + 4 <= a.M; m += 4) TILE<1, 4>(a, n, m);                       \
-      for (; m < a.M; ++m) TILE<1, 1>(a, n, m);                               \
-    }                                                                         \
-  }
-
+// Decode drivers per ISA (INFOPT_TILE_RANGE, quant_common.h).
 #if defined(__x86_64__)
-INFOPT_INT8_RANGE(int8_range_avx512, int8_tile_avx512, INFOPT_AVX512)
-INFOPT_INT8_RANGE(int8_range_avx2, int8_tile_avx2, INFOPT_AVX2)
+INFOPT_TILE_RANGE(int8_range_avx512, Int8Args, int8_tile_avx512, INFOPT_AVX512)
+INFOPT_TILE_RANGE(int8_range_avx2, Int8Args, int8_tile_avx2, INFOPT_AVX2)
 #endif
-INFOPT_INT8_RANGE(int8_range_scalar, int8_tile_scalar, )
-#undef INFOPT_INT8_RANGE
+INFOPT_TILE_RANGE(int8_range_scalar, Int8Args, int8_tile_scalar, )
 
 void int8_gemv(const Int8Args& a, Isa isa) {
   // Parallel over N in multiples of 4 rows, so every task but the last runs whole NR=4 tiles.

@@ -187,27 +187,12 @@ void w8a8_tile_scalar(const W8a8Args& a, int64_t n0, int64_t m0) {
   }
 }
 
-#define INFOPT_W8A8_RANGE(NAME, TILE, ATTR)                           \
-  ATTR void NAME(const W8a8Args& a, int64_t n_begin, int64_t n_end) { \
-    int64_t n = n_begin;                                              \
-    for (; n + 4 <= n_end; n += 4) {                                  \
-      int64_t m = 0;                                                  \
-      for (; m + 4 <= a.M; m += 4) TILE<4, 4>(a, n, m);               \
-      for (; m < a.M; ++m) TILE<4, 1>(a, n, m);                       \
-    }                                                                 \
-    for (; n < n_end; ++n) {                                          \
-      int64_t m = 0;                                                  \
-      for (; m + 4 <= a.M; m += 4) TILE<1, 4>(a, n, m);               \
-      for (; m < a.M; ++m) TILE<1, 1>(a, n, m);                       \
-    }                                                                 \
-  }
 
 #if defined(__x86_64__)
-INFOPT_W8A8_RANGE(w8a8_range_vnni, w8a8_tile_vnni, INFOPT_AVX512VNNI)
-INFOPT_W8A8_RANGE(w8a8_range_avx2, w8a8_tile_avx2, INFOPT_AVX2)
+INFOPT_TILE_RANGE(w8a8_range_vnni, W8a8Args, w8a8_tile_vnni, INFOPT_AVX512VNNI)
+INFOPT_TILE_RANGE(w8a8_range_avx2, W8a8Args, w8a8_tile_avx2, INFOPT_AVX2)
 #endif
-INFOPT_W8A8_RANGE(w8a8_range_scalar, w8a8_tile_scalar, )
-#undef INFOPT_W8A8_RANGE
+INFOPT_TILE_RANGE(w8a8_range_scalar, W8a8Args, w8a8_tile_scalar, )
 
 at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
                                    const at::Tensor& scale, const std::optional<at::Tensor>& bias) {

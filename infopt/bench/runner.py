@@ -268,7 +268,7 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
                 compare_fn, baseline_model, m, tokenizer, text, eval_tokens, eval_prompts
             )
             if cfg.quality is not None:
-                log(f"{cfg.name}: {_qualname_short(cfg.quality)} ({eval_tokens} tokens)")
+                log(f"{cfg.name}: quality hook {getattr(cfg.quality, '__name__', '')}")
                 extra = cfg.quality(baseline_model, m, tokenizer, text, eval_tokens)
                 row.eval.update({k: _as_py(v) for k, v in extra.items()})
         rows.append(row)
@@ -286,10 +286,6 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
     del baseline_model
     gc.collect()
     return rows, backend
-
-
-def _qualname_short(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def _evaluate(compare_fn, ref, cand, tok, text, eval_tokens, eval_prompts) -> dict[str, Any]:

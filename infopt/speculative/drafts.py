@@ -195,10 +195,7 @@ class ModelDraft:
             at = torch.tensor(m, device=dev) - 1 - (width - keep)  # [B]
             last = logits[torch.arange(len(m), device=dev), at]  # [B, V]
             for j in range(k):
-                tok, q = self._choose(last, gen_base + j, ctx)
-                if self.stop_confidence is not None:
-                    p = q if q is not None else ctx.sampling.probs(last, gen_base + j)
-                    conf = p.gather(1, tok.unsqueeze(1)).squeeze(1)
+                tok, q, conf = self._choose(last, gen_base + j, ctx)
                 tok = torch.where(drafting, tok, torch.full_like(tok, NO_TOKEN))
                 toks.append(tok)
                 if q is not None:
@@ -222,11 +219,19 @@ class ModelDraft:
 
     def _choose(
         self, logits: torch.Tensor, n_generated: torch.Tensor, ctx: DraftContext
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(token [B], q [B, V] when sampling, the draft's probability of token [B] when a
+        confidence stop is set)``; the logits are processed once for all three."""
+        want_conf = self.stop_confidence is not None
         if not ctx.sampling.do_sample:
-            return ctx.sampling.process(logits, n_generated).argmax(dim=-1), None
+            x = ctx.sampling.process(logits, n_generated)
+            top, tok = x.max(dim=-1)
+            # softmax(x)[argmax] without materialising the distribution
+            conf = (top - torch.logsumexp(x, dim=-1)).exp() if want_conf else None
+            return tok, None, conf
         q = ctx.sampling.probs(logits, n_generated)
-        return sample(q, ctx.generator), q
+        tok = sample(q, ctx.generator)
+        return tok, q, q.gather(1, tok.unsqueeze(1)).squeeze(1) if want_conf else None
 
     def accept(self, n_kept: Sequence[int]) -> None:
         # Row b's cache is right for positions < lens + n_kept (the correction token that
