@@ -12,6 +12,8 @@ For each (K x N) weight and each M it prints microseconds per call and effective
 * ``aten int4``: ``_weight_int4pack_mm_for_cpu`` on ``_convert_weight_to_int4pack_for_cpu``;
 * ``infopt int4``: ``infopt.ops.int4_weight_only_linear(backend="cpp")``; group size 128, or 64
   where K is not a multiple of 128 (torch's kernel needs K % group == 0; SmolLM's K = 576);
+* ``infopt int4a8``: ``infopt.ops.int4_dynamic_linear(backend="cpp")``: the same int4 weights
+  times activations rounded to int8 per 32-block (int8 dot products on AVX-512 VNNI);
 * ``infopt w8a8``: ``infopt.ops.int8_dynamic_linear(backend="cpp")``.
 
 Decode streams every weight from DRAM once per token (a 1.5B model is far larger than the
@@ -102,6 +104,11 @@ def bench_shape(k: int, n: int, ms: list[int], bufs: dict, args) -> list[str]:
             lambda x: [(x, w) for w in u4],
             n * ((k + 1) // 2) + 5 * n * g,
         ),
+        "infopt int4a8": (
+            lambda x, w: ops.int4_dynamic_linear(x, w, s4, z4, group, backend="cpp"),
+            lambda x: [(x, w) for w in u4],
+            n * ((k + 1) // 2) + 5 * n * g,
+        ),
         "infopt w8a8": (
             lambda x, w: ops.int8_dynamic_linear(x, w, s8, backend="cpp"),
             lambda x: [(x, w) for w in i8],
@@ -166,7 +173,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} time, rotating "
         f"{args.rotate_mib} MiB of weights per kernel, median of {args.rounds} rounds"
     )
-    names = ["fp32", "aten int8", "infopt int8", "aten int4", "infopt int4", "infopt w8a8"]
+    names = ["fp32", "aten int8", "infopt int8", "aten int4", "infopt int4", "infopt int4a8",
+             "infopt w8a8"]  # fmt: skip
     head = " | ".join(f"{nm + ' us  GB/s  vs32':>22s}" for nm in names)
     print(f"{'KxN':11s} {'M':6s}| {head}")
     for k, n in shapes:

@@ -25,6 +25,7 @@ from infopt.bench import (
     timed_generate,
 )
 from infopt.bench.report import format_table
+from infopt.bench.timing import _eos_suppression
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20
 
@@ -382,3 +383,28 @@ def test_run_bench_on_cuda():
     assert bf16.peak_mem_bytes - bf16.peak_mem_delta_bytes >= base.model_bytes
     assert bf16.eval["source"] == "compare" and math.isfinite(bf16.eval["kl_mean"])
     assert res.machine["gpu"] and "GPU:" in res.format_table()
+
+
+def test_eos_suppression_matches_min_new_tokens():
+    """The timed runs' EOS suppression (one index_fill_ per step instead of HF's arange + isin
+    min_new_tokens processor) generates exactly what min_new_tokens would, EOS never emitted."""
+    model = tiny_llama()
+    ids = torch.tensor([list(range(3, 19))])
+    free = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 2])  # a token greedy decoding emits: make it the EOS
+    model.generation_config.eos_token_id = eos
+    ref = model.generate(
+        ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+    )
+    kwargs = _eos_suppression(model, 8)
+    assert "min_new_tokens" not in kwargs
+    got = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
+    assert torch.equal(got, ref) and eos not in got[0, ids.shape[1]:].tolist()
+    assert timed_generate(model, ids, 8, pad_token_id=0).n_new == 8
+    # generate functions that implement min_new_tokens themselves keep it
+    def native_generate(*args, **kwargs):
+        raise AssertionError("not called")
+
+    native_generate.infopt_native_min_new_tokens = True
+    model.generate = native_generate
+    assert _eos_suppression(model, 8) == {"min_new_tokens": 8}

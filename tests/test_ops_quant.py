@@ -6,7 +6,9 @@ to x's dtype): > 100 dB for fp32 outputs (order-only noise measures ~130 dB; a w
 group index gives < 40 dB). A bf16/fp16 output is within one ulp of the exact value (rounding,
 possibly flipped by fp32 order noise): |err| <= 2**-7 (bf16) / 2**-10 (fp16) relative, i.e.
 > 42.1 / 60.2 dB, checked as such, and elementwise against the reference in x's dtype with a
-one-ulp relative tolerance. W8A8 accumulates exactly in int32 and the CPU kernels follow the
+one-ulp relative tolerance. int4_dynamic_linear's reference rounds the activations itself
+(int8 per 32-block): the kernels reproduce those codes exactly, so the same bounds hold.
+W8A8 accumulates exactly in int32 and the CPU kernels follow the
 reference's operation order, so they must be bit-identical to it. Triton on CPU runs under the
 interpreter (tests/conftest.py) on small shapes.
 """
@@ -23,7 +25,12 @@ from infopt.ops import Backend, BackendUnavailableError, quant_ref
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_SQNR = {torch.float32: 100.0, torch.bfloat16: 42.0, torch.float16: 60.0}
 ULP_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
-OPS = ("int8_weight_only_linear", "int4_weight_only_linear", "int8_dynamic_linear")
+OPS = (
+    "int8_weight_only_linear",
+    "int4_weight_only_linear",
+    "int8_dynamic_linear",
+    "int4_dynamic_linear",
+)
 # Broad grid for the fast (cpp / cuda) backends, looped inside one test per (op, dtype).
 MS, KS, NS = (1, 3, 16, 33), (1, 7, 64, 576, 577, 1000), (1, 7, 129, 256)
 GROUPS = (32, 64, 128)
@@ -53,7 +60,7 @@ def make_args(op, m, k, n, dtype, device, bias=True, gs=32, seed=0):
     # Rows of different magnitude, so a per-row (w8a8) scale error can't hide.
     x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
     b = torch.randn(n, generator=g) if bias else None
-    if op == "int4_weight_only_linear":
+    if op.startswith("int4"):
         ng = -(-k // gs)
         q = pack(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
         s = torch.rand(n, ng, generator=g) * 0.02 + 1e-3
@@ -156,12 +163,12 @@ def test_cpp_prefill_path_under_inference_mode():
         torch.set_num_threads(old_threads)
 
 
-@pytest.mark.parametrize("gs", (2, 6, 16, 48, 256))
-def test_int4_other_group_sizes(gs):
-    """Group sizes the SIMD kernels don't tile (they fall back to the generic path) and one
-    larger than K; for every backend available here."""
+@pytest.mark.parametrize("op", ("int4_weight_only_linear", "int4_dynamic_linear"))
+@pytest.mark.parametrize("gs", (2, 6, 16, 48, 256, 384))
+def test_int4_other_group_sizes(gs, op):
+    """Group sizes the SIMD kernels don't tile (they fall back to the generic path) and ones
+    larger than K or than the 128-k decode chunk; for every backend available here."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    op = "int4_weight_only_linear"
     for backend in ops.backend_report()[op]["by_device"][device]["available"]:
         for m, k, n in ((1, 100, 9), (5, 577, 3)):
             args = make_args(op, m, k, n, torch.float32, device, gs=gs)
@@ -186,9 +193,10 @@ def test_layouts(op):
                 check(op, args, got, f"{backend} {op} x{tuple(x.shape)} {x.stride()}")
 
 
-@pytest.mark.parametrize("isa", ("avx2", "scalar"))
+@pytest.mark.parametrize("isa", ("avx512", "avx2", "scalar"))
 def test_cpp_lower_isa_paths(isa):
-    """The AVX2 and scalar kernels (an AVX-512 box otherwise runs only the AVX-512 ones)."""
+    """The AVX-512 (no VNNI), AVX2 and scalar kernels (a VNNI box otherwise runs only the
+    best ones)."""
     _require("int8_weight_only_linear", "cpu", "cpp")
     code = """
 import torch, sys
@@ -278,17 +286,21 @@ def test_validation_names_the_argument():
         _bad(lambda f=f: f([1.0], q8, s), TypeError, "x must be a torch.Tensor")
     q4 = torch.zeros(8, 32, dtype=torch.uint8)
     s4, z4 = torch.ones(8, 2), torch.zeros(8, 2, dtype=torch.uint8)
-    f4 = ops.int4_weight_only_linear
-    f4(x, q4, s4, z4, 32)  # the valid call
-    _bad(lambda: f4(x, q4, s4, z4, 0), ValueError, "group_size must be a positive even")
-    _bad(lambda: f4(x, q4, s4, z4, 31), ValueError, "group_size must be a positive even")
-    _bad(lambda: f4(x, q4, s4, z4, 32.0), TypeError, "group_size must be an int")
-    _bad(lambda: f4(x, q4, s4, z4, True), TypeError, "group_size must be an int")
-    _bad(lambda: f4(x, q4[:, :31], s4, z4, 32), ValueError, r"qweight must have shape \[N, ceil")
-    _bad(lambda: f4(x, q4.to(torch.int8), s4, z4, 32), ValueError, "qweight must be uint8")
-    _bad(lambda: f4(x, q4, s4[:, :1], z4, 32), ValueError, "scale must be a floating")
-    _bad(lambda: f4(x, q4, s4, z4.float(), 32), ValueError, "zero must be a uint8")
-    _bad(lambda: f4(x, q4, s4, z4, 16), ValueError, r"scale must be .*\[8, 4\]")
+    for f4 in (ops.int4_weight_only_linear, ops.int4_dynamic_linear):
+        f4(x, q4, s4, z4, 32)  # the valid call
+        _bad(lambda f4=f4: f4(x, q4, s4, z4, 0), ValueError, "group_size must be a positive even")
+        _bad(lambda f4=f4: f4(x, q4, s4, z4, 31), ValueError, "group_size must be a positive even")
+        _bad(lambda f4=f4: f4(x, q4, s4, z4, 32.0), TypeError, "group_size must be an int")
+        _bad(lambda f4=f4: f4(x, q4, s4, z4, True), TypeError, "group_size must be an int")
+        _bad(
+            lambda f4=f4: f4(x, q4[:, :31], s4, z4, 32), ValueError,
+            r"qweight must have shape \[N, ceil",
+        )  # fmt: skip
+        q4i = q4.to(torch.int8)
+        _bad(lambda f4=f4, q4i=q4i: f4(x, q4i, s4, z4, 32), ValueError, "qweight must be uint8")
+        _bad(lambda f4=f4: f4(x, q4, s4[:, :1], z4, 32), ValueError, "scale must be a floating")
+        _bad(lambda f4=f4: f4(x, q4, s4, z4.float(), 32), ValueError, "zero must be a uint8")
+        _bad(lambda f4=f4: f4(x, q4, s4, z4, 16), ValueError, r"scale must be .*\[8, 4\]")
     _bad(
         lambda: ops.int8_dynamic_linear(
             torch.randn(1, 2**17), torch.zeros(1, 2**17, dtype=torch.int8), torch.ones(1)
@@ -312,3 +324,5 @@ def test_cpp_op_errors_name_the_argument():
         torch.ops.infopt.int4_weight_only_linear(x, q4, s4, z4, 32, None)
     with pytest.raises(RuntimeError, match="group_size must be a positive even"):
         torch.ops.infopt.int4_weight_only_linear(x, q4, s4, z4.byte(), 3, None)
+    with pytest.raises(RuntimeError, match="int4_dynamic_linear: zero must be a uint8"):
+        torch.ops.infopt.int4_dynamic_linear(x, q4, s4, z4, 32, None)

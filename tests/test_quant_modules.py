@@ -30,7 +30,8 @@ IDS = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(6))
 # alias -> minimum logits cosine vs the fp32 model (measured: int8/w8a8 > 0.9999,
 # int4 ~0.995, fp8 ~0.999 on this tiny random model).
 ALIAS_COSINE = {
-    "int8": 0.999, "int4": 0.98, "int4-awq": 0.98, "int4-gptq": 0.98, "w8a8": 0.999, "fp8": 0.995,
+    "int8": 0.999, "int4": 0.98, "int4-a8": 0.98, "int4-awq": 0.98, "int4-gptq": 0.98,
+    "w8a8": 0.999, "fp8": 0.995,
 }
 
 
@@ -42,7 +43,7 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["int8", "int4", "w8a8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-a8", "w8a8", "fp8"])
 def test_module_matches_linear_and_keeps_dtype(kind, dtype):
     torch.manual_seed(0)
     lin = nn.Linear(96, 40, bias=True).to(dtype)
@@ -51,14 +52,41 @@ def test_module_matches_linear_and_keeps_dtype(kind, dtype):
     mod = {
         "int8": lambda: q.Int8Linear.from_linear(lin),
         "int4": lambda: q.Int4Linear.from_linear(lin, 32),
+        "int4-a8": lambda: q.Int4Linear.from_linear(lin, 32),
         "w8a8": lambda: q.W8A8Linear.from_linear(lin),
         "fp8": lambda: q.FP8Linear.from_linear(lin),
     }[kind]()
+    if kind == "int4-a8":
+        mod.act_dtype = "int8"
     y = mod(x)
     assert y.dtype == dtype and y.shape == (2, 5, 40)
     assert torch.equal(mod.bias, lin.bias.detach())
-    assert F.sqnr_db(ref, y.float()) > (15 if kind == "int4" else 22)
-    assert f"format={kind}" in repr(mod)
+    assert F.sqnr_db(ref, y.float()) > (15 if kind.startswith("int4") else 22)
+    assert f"format={kind.split('-')[0]}" in repr(mod)
+
+
+def test_int4_act_dtype_selects_the_op():
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 24)
+    mod = q.Int4Linear.from_linear(lin, 64)
+    x = torch.randn(3, 200)
+    args = (mod.qweight, mod.scale, mod.zero, 64, mod.bias)
+    assert mod.act_dtype is None and "int8 activations" not in repr(mod)
+    exact = infopt.ops.int4_weight_only_linear(x, *args)
+    assert F.sqnr_db(exact, mod(x)) > 100
+    mod.act_dtype = "int8"
+    assert "int8 activations per 32-block" in repr(mod) and mod.spec()["act_dtype"] == "int8"
+    dyn = infopt.ops.int4_dynamic_linear(x, *args)
+    assert F.sqnr_db(dyn, mod(x)) > 100 and not torch.equal(dyn, exact)
+    with pytest.raises(ValueError, match=r"act_dtype must be one of \(None, 'int8'\)"):
+        mod.act_dtype = "fp8"
+    with pytest.raises(ValueError, match="act_dtype must be one of"):
+        q.Int4Linear(200, 24, act_dtype="int4")
+    # the checked-once fast path still rejects a bad activation with the op's message
+    with pytest.raises(ValueError, match=r"qweight must have shape \[N, ceil\(K/2\)\]"):
+        mod(torch.randn(3, 100))
+    with pytest.raises(ValueError, match="x must have a floating dtype"):
+        mod(torch.ones(3, 200, dtype=torch.int64))
 
 
 def test_int4_module_ragged_and_odd_k():
@@ -111,6 +139,7 @@ def test_configs_round_trip_and_validate():
         q.Int8WeightOnlyConfig(skip=("lm_head", "*.down_proj")),
         q.Int4WeightOnlyConfig(group_size=64, method="gptq", act_order=True),
         q.Int4WeightOnlyConfig(method="awq", awq_clip=False),
+        q.Int4WeightOnlyConfig(act_dtype="int8", lm_head="int8"),
         q.W8A8Config(alpha=0.8),
         q.FP8Config(include=("*.mlp.*",)),
     ]
@@ -121,6 +150,8 @@ def test_configs_round_trip_and_validate():
         q.Int4WeightOnlyConfig(group_size=256)
     with pytest.raises(ValueError, match="method must be one of"):
         q.Int4WeightOnlyConfig(method="hqq")
+    with pytest.raises(ValueError, match=r"act_dtype must be one of \(None, 'int8'\)"):
+        q.Int4WeightOnlyConfig(act_dtype="fp8")
     with pytest.raises(ValueError, match="act_order"):
         q.Int4WeightOnlyConfig(method="rtn", act_order=True)
     with pytest.raises(ValueError, match="alpha"):
@@ -140,13 +171,13 @@ def test_configs_round_trip_and_validate():
 
 def test_aliases_registered():
     assert infopt.accepted_options()["quant"] == sorted(q.ALIASES)
-    assert set(q.ALIASES) == {"int8", "int4", "int4-awq", "int4-gptq", "w8a8", "fp8"}
+    assert set(q.ALIASES) == {"int8", "int4", "int4-awq", "int4-gptq", "int4-a8", "w8a8", "fp8"}
 
 
 # --------------------------------------------------------------------------- wrap_model
 
 
-@pytest.mark.parametrize("alias", ["int8", "int4", "w8a8", "fp8"])
+@pytest.mark.parametrize("alias", ["int8", "int4", "int4-a8", "w8a8", "fp8"])
 def test_wrap_model_calibration_free(alias):
     model = tiny_llama()
     ref = model(IDS).logits
@@ -257,7 +288,7 @@ def test_applied_configs_recorded():
 # ---------------------------------------------------------------------------- save/load
 
 
-@pytest.mark.parametrize("alias", ["int8", "int4-awq", "w8a8", "fp8"])
+@pytest.mark.parametrize("alias", ["int8", "int4-awq", "int4-a8", "w8a8", "fp8"])
 def test_save_load_identical_outputs(tmp_path, alias):
     model = tiny_llama(tie=True)
     q.quantize_model(model, alias, calib_input_ids=CALIB, progress=False)
@@ -271,6 +302,8 @@ def test_save_load_identical_outputs(tmp_path, alias):
     assert loaded is fresh
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, out)
+    int4 = [m for m in loaded.modules() if isinstance(m, q.Int4Linear)]
+    assert all(m.act_dtype == ("int8" if alias == "int4-a8" else None) for m in int4)
     assert q.quant_config_of(loaded) == q.quant_config_of(model)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tying survived
 

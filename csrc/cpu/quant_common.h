@@ -83,6 +83,16 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // past the end of the tensor is harmless (prefetches never fault).
 constexpr int64_t kPrefetchAhead = 16384;
 
+// Shape/dtype/device checks shared by the int4 ops (quant_int4.cpp); returns N.
+int64_t check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& qweight,
+                        const at::Tensor& scale, const at::Tensor& zero, int64_t group_size,
+                        const std::optional<at::Tensor>& bias);
+
+// The CPU int4 weight-only linear (quant_int4.cpp), reused by int4_dynamic_linear.
+at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
+                                       const at::Tensor& scale, const at::Tensor& zero,
+                                       int64_t group_size, const std::optional<at::Tensor>& bias);
+
 // --- argument checks shared by the three ops (messages name the argument) ---
 
 inline int64_t check_x(const char* op, const at::Tensor& x) {

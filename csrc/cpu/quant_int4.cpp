@@ -241,10 +241,12 @@ void dequant_rows(const Int4Args& a, int64_t n0, int64_t n1, float* dst) {
   }
 }
 
-at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
-                                       const at::Tensor& scale, const at::Tensor& zero,
-                                       int64_t group_size, const std::optional<at::Tensor>& bias) {
-  const char* op = "int4_weight_only_linear";
+}  // namespace
+
+// Shape/dtype/device checks of the int4 ops (messages name the argument); returns N.
+int64_t quant::check_int4_args(const char* op, const at::Tensor& x, const at::Tensor& qweight,
+                               const at::Tensor& scale, const at::Tensor& zero,
+                               int64_t group_size, const std::optional<at::Tensor>& bias) {
   const int64_t K = quant::check_x(op, x);
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "infopt::", op,
               ": group_size must be a positive even integer, got ", group_size);
@@ -266,6 +268,18 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw
               "infopt::", op, ": zero must be a uint8 tensor of shape [N, ", G, "], got ",
               zero.scalar_type(), " ", zero.sizes());
   if (bias) quant::check_vec(op, "bias", *bias, N);
+  return N;
+}
+
+// Not file-local: quant_int4_dyn.cpp runs its large-M and non-VNNI cases through it.
+at::Tensor quant::int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
+                                              const at::Tensor& scale, const at::Tensor& zero,
+                                              int64_t group_size,
+                                              const std::optional<at::Tensor>& bias) {
+  const int64_t N = quant::check_int4_args("int4_weight_only_linear", x, qweight, scale, zero,
+                                           group_size, bias);
+  const int64_t K = x.size(-1);
+  const int64_t kb = (K + 1) / 2, G = (K + group_size - 1) / group_size;
 
   const at::Tensor xf = quant::f32c(x.reshape({-1, K}));
   const int64_t M = xf.size(0);
@@ -314,10 +328,8 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw
   return out.finish(x);
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(infopt, CPU, m) {
-  m.impl("int4_weight_only_linear", &int4_weight_only_linear_cpu);
+  m.impl("int4_weight_only_linear", &quant::int4_weight_only_linear_cpu);
 }
 
 }  // namespace infopt

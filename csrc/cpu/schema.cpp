@@ -19,6 +19,11 @@ TORCH_LIBRARY(infopt, m) {
   m.def(
       "int4_weight_only_linear(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size,"
       " Tensor? bias) -> Tensor");
+  //   int4 weights (layout as above) x int8 activations quantized on the fly per block of 32
+  //   along K (symmetric, amax / 127): y = xhat @ dequant(qweight).T + bias.
+  m.def(
+      "int4_dynamic_linear(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size,"
+      " Tensor? bias) -> Tensor");
   //   w8a8: dynamic per-token symmetric int8 activations x int8 weights, exact int32 accumulation.
   m.def("int8_dynamic_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   // Paged attention (layouts and semantics: infopt/ops/paged_attention.py): packed varlen q

@@ -168,6 +168,8 @@ def _register_full_quant_rows() -> None:
          Int8WeightOnlyConfig(lm_head="int8")),
         ("int4-head8", "quant: int4 RTN g128, lm_head int8",
          Int4WeightOnlyConfig(lm_head="int8")),
+        ("int4-a8-head8", "quant: int4 RTN g128 x int8 activations per 32-block, lm_head int8",
+         Int4WeightOnlyConfig(lm_head="int8", act_dtype="int8")),
         ("int4-awq-head8", "quant: int4 AWQ g128, lm_head int8",
          Int4WeightOnlyConfig(method="awq", lm_head="int8")),
         # torchao's / gpt-fast's int4 scope: every nn.Linear, the head too.

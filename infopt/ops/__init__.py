@@ -7,7 +7,8 @@
     >>> print(ops.format_backend_report())                 # what can run, what ran, fallbacks
 
 Quantized linears: ``int8_weight_only_linear``, ``int4_weight_only_linear``,
-``int8_dynamic_linear`` (semantics: :mod:`infopt.ops.quant_ref`).
+``int8_dynamic_linear`` (W8A8), ``int4_dynamic_linear`` (int4 weights x per-block int8
+activations; semantics: :mod:`infopt.ops.quant_ref`).
 
 Backends: ``reference`` (pure torch), ``cpp`` (CPU extension, built lazily on first use),
 ``triton`` (CUDA natively; CPU only under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA extension).
@@ -22,7 +23,12 @@ from .paged_attention import (
     paged_attention_prefill,
     paged_attention_prefill_reference,
 )
-from .quant_linear import int4_weight_only_linear, int8_dynamic_linear, int8_weight_only_linear
+from .quant_linear import (
+    int4_dynamic_linear,
+    int4_weight_only_linear,
+    int8_dynamic_linear,
+    int8_weight_only_linear,
+)
 from .registry import (
     Backend,
     BackendUnavailableError,
@@ -42,6 +48,7 @@ __all__ = [
     "backend_report",
     "format_backend_report",
     "get_backend",
+    "int4_dynamic_linear",
     "int4_weight_only_linear",
     "int8_dynamic_linear",
     "int8_weight_only_linear",

@@ -73,6 +73,10 @@ def register_fakes() -> None:
         torch.library.register_fake("infopt::int4_weight_only_linear")(
             _int4_weight_only_linear_fake
         )
+        # int4 x dynamic int8 activations has the int4 weight-only signature and output.
+        torch.library.register_fake("infopt::int4_dynamic_linear")(
+            _int4_weight_only_linear_fake
+        )
         # w8a8 has the int8 weight-only signature and output.
         torch.library.register_fake("infopt::int8_dynamic_linear")(_int8_weight_only_linear_fake)
         torch.library.register_fake("infopt::paged_attention")(_paged_attention_fake)

@@ -29,13 +29,21 @@ from .registry import Backend, BackendImpl, register_op, select_backend
 
 __all__ = [
     "QUANT_OPS",
+    "int4_dynamic_linear",
     "int4_weight_only_linear",
     "int8_dynamic_linear",
     "int8_weight_only_linear",
+    "run_validated",
     "smoke_check",
+    "validate",
 ]
 
-QUANT_OPS = ("int8_weight_only_linear", "int4_weight_only_linear", "int8_dynamic_linear")
+QUANT_OPS = (
+    "int8_weight_only_linear",
+    "int4_weight_only_linear",
+    "int8_dynamic_linear",
+    "int4_dynamic_linear",
+)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest K whose w8a8 int32 accumulation cannot overflow (127 * 127 * K < 2**31).
@@ -128,6 +136,30 @@ def _validate_w8a8(x: object, qweight: object, scale: object, bias: object) -> N
         raise ValueError(f"x.shape[-1] = K = {x.shape[-1]} could overflow int32 (limit 2**17)")
 
 
+_VALIDATORS = {
+    "int8_weight_only_linear": _validate_int8,
+    "int4_weight_only_linear": _validate_int4,
+    "int4_dynamic_linear": _validate_int4,
+    "int8_dynamic_linear": _validate_w8a8,
+}
+
+
+def validate(op: str, args: tuple) -> None:
+    """Check ``args`` (the op's positional arguments) as the public function ``op`` does."""
+    _VALIDATORS[op](*args)
+
+
+def run_validated(op: str, args: tuple) -> torch.Tensor:
+    """Run ``op`` on ``args`` that already passed :func:`validate`, with the process-default
+    backend: selection, fallback warnings and run counts exactly as the public function's.
+
+    For callers whose weights are fixed (the quantized modules check theirs once, then only
+    the activation per call): the Python checks cost about as much as a small decode GEMV.
+    """
+    _, fn = select_backend(op, args[0].device, args, None)
+    return fn(*args)
+
+
 def _kernel_supports(x: torch.Tensor, *rest: object) -> str | None:
     """Per-call check shared by the kernel backends (cheap: runs on every call)."""
     if x.dtype not in _KERNEL_DTYPES:
@@ -150,6 +182,10 @@ def _int4_op(x, qweight, scale, zero, group_size, bias=None):
     return torch.ops.infopt.int4_weight_only_linear.default(
         x, qweight, scale, zero, group_size, bias
     )
+
+
+def _int4_dyn_op(x, qweight, scale, zero, group_size, bias=None):
+    return torch.ops.infopt.int4_dynamic_linear.default(x, qweight, scale, zero, group_size, bias)
 
 
 def _w8a8_op(x, qweight, scale, bias=None):
@@ -312,6 +348,13 @@ register_op(
         Backend.CUDA: BackendImpl(_int4_op, extensions.cuda_probe, _kernel_supports),
     },
 )
+# CPU only: the point of this op is the CPU's int8 dot product (on a GPU the weight-only op is
+# the fast one), so AUTO on CUDA tensors runs (and reports) the reference.
+register_op(
+    "int4_dynamic_linear",
+    quant_ref.int4_dynamic_linear,
+    {Backend.CPP: BackendImpl(_int4_dyn_op, extensions.cpp_probe, _kernel_supports)},
+)
 register_op(
     "int8_dynamic_linear",
     quant_ref.int8_dynamic_linear,
@@ -374,6 +417,33 @@ def int4_weight_only_linear(
     return fn(*args)
 
 
+def int4_dynamic_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: Backend | str | None = None,
+) -> torch.Tensor:
+    """int4 weights (as :func:`int4_weight_only_linear`) x int8 activations quantized on the fly
+    per block of 32 along K: ``y = xhat @ dequant(qweight).T + bias`` (see
+    ``quant_ref.int4_dynamic_linear``).
+
+    The C++ kernel reproduces the reference's activation codes exactly (fp32 sums differ only
+    in order) and, with AVX-512 VNNI, runs the decode GEMV on int8 dot products: memory-bound
+    instead of shuffle-bound. Without VNNI, or for M >= 32, it dequantizes ``xhat`` and runs the
+    weight-only kernel on it (the same math).
+
+    Args, returns: as :func:`int4_weight_only_linear`.
+    """
+    _validate_int4(x, qweight, scale, zero, group_size, bias)
+    args = (x, qweight, scale, zero, group_size, bias)
+    _, fn = select_backend("int4_dynamic_linear", x.device, args, backend)
+    return fn(*args)
+
+
 def int8_dynamic_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -410,7 +480,7 @@ def smoke_check(op: str, device: str, backend: str) -> str:
     for dtype, min_db in ((torch.float32, 100.0), (torch.bfloat16, 42.0)):
         x = torch.randn(m, k, generator=g)
         b = torch.randn(n, generator=g)
-        if op == "int4_weight_only_linear":
+        if op in ("int4_weight_only_linear", "int4_dynamic_linear"):
             codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
             q = codes[:, 0::2] | (codes[:, 1::2] << 4)
             z = torch.randint(0, 16, (n, k // gs), generator=g, dtype=torch.uint8)

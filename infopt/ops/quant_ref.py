@@ -33,6 +33,8 @@ __all__ = [
     "int8_matmul_int32",
     "int8_weight_only_linear",
     "quantize_per_token_fp8",
+    "int4_dynamic_linear",
+    "quantize_blockwise_int8",
     "quantize_per_token_int8",
     "unpack_int4",
 ]
@@ -189,6 +191,55 @@ def int8_dynamic_linear(
     acc = int8_matmul_int32(xq, qweight)
     y = acc.float() * xs[:, None] * scale.float()
     return _finish(y, bias, x)
+
+
+#: Activation block along K of :func:`quantize_blockwise_int8` / :func:`int4_dynamic_linear`.
+ACT_BLOCK = 32
+
+
+def quantize_blockwise_int8(
+    x: torch.Tensor, block: int = ACT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per block of ``block`` along K: ``x [M, K]`` -> (codes int8
+    ``[M, K]``, scale fp32 ``[M, ceil(K / block)]``).
+
+    ``scale = max|block| / 127`` (1 for an all-zero block, whose codes are then 0); codes are
+    ``round_half_even(x / scale)`` clamped to +-127. The last block may be short.
+    """
+    xf = x.float()
+    m, k = xf.shape
+    nb = -(-k // block)
+    xb = torch.nn.functional.pad(xf, (0, nb * block - k)).view(m, nb, block)
+    amax = xb.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(xb / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(m, nb * block)[:, :k], scale
+
+
+def int4_dynamic_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int4 weights x int8 activations quantized on the fly per block of 32 along K.
+
+    ``y = xhat @ dequant(qweight).T + bias`` with ``xhat = xq * xs`` from
+    :func:`quantize_blockwise_int8` (fp32 math). The weights are exactly those of
+    :func:`int4_weight_only_linear`; only the activations are rounded (to 8 bits per 32-wide
+    block), which lets the CPU kernel use int8 dot products (AVX-512 VNNI).
+
+    Args: as :func:`int4_weight_only_linear`.
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    k = x.shape[-1]
+    w = dequantize_int4_packed(qweight, scale, zero, group_size, k)
+    xq, xs = quantize_blockwise_int8(_flatten(x, k))
+    xhat = xq.float() * xs.repeat_interleave(ACT_BLOCK, dim=1)[:, :k]
+    return _finish(xhat @ w.t(), bias, x)
 
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

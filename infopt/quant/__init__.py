@@ -76,6 +76,8 @@ ALIASES = {
     "int4": lambda: Int4WeightOnlyConfig(method="rtn"),
     "int4-awq": lambda: Int4WeightOnlyConfig(method="awq"),
     "int4-gptq": lambda: Int4WeightOnlyConfig(method="gptq", act_order=True),
+    # int4 RTN weights x int8 activations rounded per 32-block on the fly (CPU VNNI decode).
+    "int4-a8": lambda: Int4WeightOnlyConfig(method="rtn", act_dtype="int8"),
     "w8a8": W8A8Config,
     "fp8": FP8Config,
 }

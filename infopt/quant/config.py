@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 INT4_METHODS = ("rtn", "awq", "gptq")
+#: ``Int4WeightOnlyConfig.act_dtype`` values: weight-only, or int8 activations per 32-block.
+INT4_ACT_DTYPES = (None, "int8")
 CALIB_TEXTS = ("lee", "pydoc")
 LM_HEAD_FORMATS = (None, "int8")
 
@@ -128,6 +130,12 @@ class Int4WeightOnlyConfig(QuantConfig):
         awq_grid: AWQ only: number of alpha values searched in [0, 1).
         awq_clip: AWQ only: also search a per-group range-shrink ratio.
         max_tokens: AWQ only: calibration tokens per layer kept for the searches.
+        act_dtype: ``None`` (default: weight-only, activations stay in the model dtype) or
+            ``"int8"``: each quantized linear rounds its input to int8 per block of 32 along K
+            on the fly (``ops.int4_dynamic_linear``; llama.cpp's Q4 x Q8 and IPEX's
+            ``lowp_mode=INT8`` make the same trade), so that CPUs with AVX-512 VNNI run the
+            decode GEMV on int8 dot products. Same weights and file; see docs/quant.md for its
+            measured quality and speed.
     """
 
     VERSION = 1
@@ -141,9 +149,12 @@ class Int4WeightOnlyConfig(QuantConfig):
     awq_grid: int = 20
     awq_clip: bool = True
     max_tokens: int = 4096
+    act_dtype: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.act_dtype not in INT4_ACT_DTYPES:
+            raise ValueError(f"act_dtype must be one of {INT4_ACT_DTYPES}, got {self.act_dtype!r}")
         if self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         if self.method not in INT4_METHODS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops as _ops
+from ..ops import quant_linear as _quant_ops
 from ..ops import quant_ref as _ref
 
 __all__ = [
@@ -20,9 +21,23 @@ __all__ = [
     "fp8_native_ok",
     "linear_fp8",
     "linear_int4",
+    "linear_int4_dyn",
     "linear_int8",
     "linear_w8a8",
+    "run_validated",
+    "validate",
 ]
+
+
+def validate(op: str, args: tuple) -> None:
+    """Check ``args`` for ``infopt.ops.<op>`` exactly as the public op does (raises)."""
+    _quant_ops.validate(op, args)
+
+
+def run_validated(op: str, args: tuple) -> torch.Tensor:
+    """``infopt.ops.<op>(*args)`` for arguments that passed :func:`validate` (same backend
+    selection, fallback warnings and run counts; no second check)."""
+    return _quant_ops.run_validated(op, args)
 
 
 def linear_int8(
@@ -42,6 +57,18 @@ def linear_int4(
 ) -> torch.Tensor:
     """int4 weight-only: ``qweight uint8 [N, ceil(K/2)]``, ``scale/zero [N, G]``."""
     return _ops.int4_weight_only_linear(x, qweight, scale, zero, group_size, bias)
+
+
+def linear_int4_dyn(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """int4 weights (as :func:`linear_int4`) x int8 activations quantized per block of 32."""
+    return _ops.int4_dynamic_linear(x, qweight, scale, zero, group_size, bias)
 
 
 def linear_w8a8(

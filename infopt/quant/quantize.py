@@ -177,6 +177,11 @@ def quantize_model(
 
     rest_set = set(rest)
     replace_modules(model, lambda m, n: n in rest_set, lambda m, n: _rtn_module(config, m))
+    if isinstance(config, Int4WeightOnlyConfig) and config.act_dtype is not None:
+        # After calibration: AWQ / GPTQ searched their weights on unrounded activations.
+        for m in model.modules():
+            if isinstance(m, Int4Linear):
+                m.act_dtype = config.act_dtype
     if config.lm_head == "int8":
         replace_modules(model, lambda m, n: n == head, lambda m, n: Int8Linear.from_linear(m))
     setattr(model, QUANT_ATTR, config.to_dict())

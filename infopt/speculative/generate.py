@@ -284,6 +284,9 @@ def _make_generate(model: nn.Module, state: SpecState) -> Callable[..., torch.Te
         state.last_stats = out.stats
         return out.sequences
 
+    # Marks a generate whose min_new_tokens is a cheap masked fill and which takes no
+    # logits_processor (infopt.bench.timing picks its EOS suppression by this).
+    spec_generate.infopt_native_min_new_tokens = True  # type: ignore[attr-defined]
     return spec_generate
 
 

@@ -1,0 +1,270 @@
+// CPU infopt::int4_dynamic_linear (schema in schema.cpp, reference in infopt/ops/quant_ref.py):
+// int4 group-wise weights (the int4_weight_only_linear layout) times int8 activations quantized
+// on the fly per block of 32 along K (symmetric, scale = amax / 127, round half to even):
+//   xhat[m, k] = xq[m, k] * xs[m, k / 32]
+//   y[m, n]    = sum_k xhat[m, k] * (code[n, k] - zero[n, k / gs]) * scale[n, k / gs] + bias[n]
+// The activation codes match the reference bit for bit; only the fp32 summation order differs.
+//
+// Why: the fp32 int4 GEMV (quant_int4.cpp) is bound by its shuffle port (a widen and two vpermps
+// per 32 weights: ~14 G weights/s per core), below one core's share of DRAM bandwidth. Here
+// AVX-512 VNNI vpdpbusd multiplies 64 (unsigned nibble, signed int8) pairs per instruction, the
+// nibbles are split with an and and a shift, and decode is bound by memory instead (llama.cpp's
+// Q4 x Q8 dot product and IPEX's weight-only "lowp_mode INT8" make the same trade).
+//
+// Decode layout, per 128-k chunk c of a row (64 packed bytes = one cache line): vpdpbusd lane i
+// sums bytes 4i..4i+3, i.e. k in [8i, 8i + 8) of the chunk, low nibbles (even k) against the
+// chunk's even activations and high nibbles (odd k) against its odd ones. So activations are
+// stored per chunk as [64 even-k codes | 64 odd-k codes], and lane i's int32 dot product belongs
+// to one 32-block (i / 4) and one weight group (8i / gs). The zero point comes out per lane in
+// integers, sum (code - zero) * xq = dot - zero * sum xq (exact in fp32: all below 2^24, so a
+// code equal to its zero contributes exactly 0, as in the reference), then the two scales.
+// Large M (prefill), group sizes that do not tile 128 and CPUs without AVX-512 VNNI dequantize
+// xhat to fp32 and run the int4 weight-only op on it: the same math (quant_common.h).
+
+#include "quant_common.h"
+
+#include <cmath>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace infopt {
+namespace {
+
+using quant::Isa;
+
+constexpr int64_t kBlock = 32;   // activation quantization block along K
+constexpr int64_t kChunk = 128;  // k per decode step of a row: 64 packed bytes
+// GEMV tiles below this M, dequantized xhat + the int4 weight-only op (MKL) from it on.
+constexpr int64_t kPrefillMinM = 32;
+
+struct DynArgs {
+  const int8_t* xq;  // [M, C * 128] codes, per chunk [64 even k | 64 odd k], zero padded
+  const float* xs;   // [M, C, 16] lane scales: lane i of chunk c = scale of block 4c + i / 4
+  int64_t C;         // chunks per row: ceil(K / 128)
+  const uint8_t* w;  // [N, kb] packed codes
+  const float* s;    // [N, G]
+  const uint8_t* z;  // [N, G]
+  const float* b;    // [N] or nullptr
+  float* y;          // [M, N] fp32
+  int64_t M, N, K, G, gs, kb;
+};
+
+// Block scales exactly as quant_ref.quantize_blockwise_int8: amax / 127 in fp32, 1 for an
+// all-zero block (whose codes are then 0); codes round_half_even(x / scale) clamped to +-127.
+// Blocks past K (padding) get scale 0 and codes 0.
+struct QuantOut {
+  int8_t* q;   // [M, C * 128] codes: per chunk [64 even k | 64 odd k] if permuted, else natural
+  float* bs;   // [M, C * 4] block scales
+  float* xs;   // [M, C, 16] lane scales (lane i of chunk c: block 4c + i / 4), or nullptr
+};
+
+void quantize_row_scalar(const float* xr, int64_t K, int64_t nb, bool permuted, int8_t* qr,
+                         float* bs) {
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t k0 = blk * kBlock;
+    float amax = 0.f;
+    for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) amax = std::max(amax, std::fabs(xr[k]));
+    const float sc = k0 >= K ? 0.f : amax > 0.f ? amax / 127.0f : 1.0f;
+    for (int64_t k = k0; k < k0 + kBlock; ++k) {
+      // IEEE division, round half to even (the default mode), as torch.round(x / scale).
+      float v = k < K ? std::nearbyint(xr[k] / sc) : 0.f;
+      v = std::min(127.f, std::max(-127.f, v));
+      const int8_t code = static_cast<int8_t>(static_cast<int>(v));
+      const int64_t kl = k % kChunk;  // position in the chunk
+      qr[permuted ? k - kl + (kl & 1) * 64 + (kl >> 1) : k] = code;
+    }
+    bs[blk] = sc;
+  }
+}
+
+#if defined(__x86_64__)
+// The same math 16 lanes at a time (vdivps is IEEE, vrndscaleps rounds half to even). The even
+// and odd k of a block are split on the fp32 side (vpermt2ps) so the permuted layout needs no
+// byte shuffle; the scalar loop cost ~4 ns per activation, as much as a small GEMV.
+INFOPT_AVX512 inline __m512i quant16(__m512 v, __m512 sv, __m512 lo, __m512 hi) {
+  v = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, v)));
+}
+
+INFOPT_AVX512 void quantize_row_avx512(const float* xr, int64_t K, int64_t nb, bool permuted,
+                                       int8_t* qr, float* bs) {
+  const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t k0 = blk * kBlock, left = K - k0;
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0;
+    const __mmask16 m1 = left >= 32 ? 0xFFFF : left > 16 ? (1u << (left - 16)) - 1 : 0;
+    __m512 a = _mm512_maskz_loadu_ps(m0, xr + k0), b = _mm512_maskz_loadu_ps(m1, xr + k0 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float sc = left <= 0 ? 0.f : amax > 0.f ? amax / 127.0f : 1.0f;
+    bs[blk] = sc;
+    if (permuted) {  // a: k0 + 2j, b: k0 + 2j + 1 for j < 16
+      const __m512 e = _mm512_permutex2var_ps(a, even, b), o = _mm512_permutex2var_ps(a, odd, b);
+      a = e;
+      b = o;
+    }
+    // A padding block (left <= 0) has zero inputs: divide by 1 so its codes are 0, not NaN.
+    const __m512 sv = _mm512_set1_ps(left <= 0 ? 1.f : sc);
+    const __m512i qa = quant16(a, sv, lo, hi), qb = quant16(b, sv, lo, hi);
+    int8_t* da = qr + k0;
+    int8_t* db = qr + k0 + 16;
+    if (permuted) {  // block bi of its chunk: even codes at 16 bi, odd codes at 64 + 16 bi
+      const int64_t base = k0 - k0 % kChunk, bi = (k0 % kChunk) / kBlock;
+      da = qr + base + 16 * bi;
+      db = qr + base + 64 + 16 * bi;
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(da), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(db), _mm512_cvtepi32_epi8(qb));
+  }
+}
+#endif
+
+// x [M, K] fp32 -> QuantOut (see there).
+void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
+  const int64_t M = xf.size(0), K = xf.size(1), C = (K + kChunk - 1) / kChunk;
+  const int64_t nb = C * (kChunk / kBlock);
+  const float* x = xf.const_data_ptr<float>();
+  const bool avx512 = quant::cpu_isa() >= Isa::kAvx512;
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = x + m * K;
+      int8_t* qr = o.q + m * C * kChunk;
+      float* bs = o.bs + m * nb;
+#if defined(__x86_64__)
+      if (avx512)
+        quantize_row_avx512(xr, K, nb, permuted, qr, bs);
+      else
+#endif
+        quantize_row_scalar(xr, K, nb, permuted, qr, bs);
+      for (int64_t blk = 0; o.xs != nullptr && blk < nb; ++blk)
+        for (int64_t j = 0; j < 4; ++j) o.xs[m * nb * 4 + blk * 4 + j] = bs[blk];
+    }
+  });
+}
+
+#if defined(__x86_64__)
+
+template <int NR, int MR>
+INFOPT_AVX512VNNI void dyn_tile_vnni(const DynArgs& a, int64_t n0, int64_t m0) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+  // Lane i of a chunk covers k in [8i, 8i + 8): weight group 8i / gs of the chunk's groups.
+  const int64_t gpc = kChunk / std::min(a.gs, kChunk);  // groups per chunk (1 when gs >= 128)
+  const __m512i lane_group =
+      _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                        gpc == 4 ? 2 : gpc == 2 ? 3 : 4);
+  for (int64_t c = 0; c < a.C; ++c) {
+    const int64_t k0 = c * kChunk, g0 = k0 / a.gs;
+    const int64_t bytes = std::min<int64_t>(64, a.kb - k0 / 2);
+    const __mmask64 bmask = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+    __m512i lo[NR], hi[NR];
+    __m512 sw[NR], zw[NR];  // per-lane weight scale and zero point
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* p = a.w + (n0 + r) * a.kb + k0 / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(p + quant::kPrefetchAhead), _MM_HINT_T1);
+      // The row's last chunk may be partial: a masked load never reads past the row's bytes.
+      const __m512i v = _mm512_maskz_loadu_epi8(bmask, p);
+      lo[r] = _mm512_and_si512(v, nib);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      const int64_t gi = (n0 + r) * a.G + g0;
+      if (gpc == 1) {
+        sw[r] = _mm512_set1_ps(a.s[gi]);
+        zw[r] = _mm512_set1_ps(static_cast<float>(a.z[gi]));
+      } else {
+        const __mmask16 gm = static_cast<__mmask16>((1u << std::min<int64_t>(gpc, a.G - g0)) - 1);
+        sw[r] = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(gm, a.s + gi));
+        zw[r] = _mm512_permutexvar_ps(
+            lane_group,
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(gm, a.z + gi))));
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* xr = a.xq + ((m0 + i) * a.C + c) * kChunk;
+      const __m512i xe = _mm512_loadu_si512(xr), xo = _mm512_loadu_si512(xr + 64);
+      const __m512 xsv = _mm512_loadu_ps(a.xs + ((m0 + i) * a.C + c) * 16);
+      // Per-lane sum of the activation codes, for the zero points.
+      const __m512 xsum = _mm512_cvtepi32_ps(
+          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xe), ones, xo));
+      for (int r = 0; r < NR; ++r) {
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xe);
+        d = _mm512_dpbusd_epi32(d, hi[r], xo);
+        // sum (code - zero) * xq per lane, exactly: every term is an integer below 2^24.
+        const __m512 q = _mm512_fnmadd_ps(zw[r], xsum, _mm512_cvtepi32_ps(d));
+        acc[i][r] = _mm512_fmadd_ps(_mm512_mul_ps(q, xsv), sw[r], acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) {
+      const int64_t n = n0 + r, m = m0 + i;
+      const float dot = _mm512_reduce_add_ps(acc[i][r]);
+      a.y[m * a.N + n] = a.b ? dot + a.b[n] : dot;
+    }
+}
+
+INFOPT_TILE_RANGE(dyn_range_vnni, DynArgs, dyn_tile_vnni, INFOPT_AVX512VNNI)
+
+#endif  // __x86_64__
+
+at::Tensor int4_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
+                                   const at::Tensor& scale, const at::Tensor& zero,
+                                   int64_t group_size, const std::optional<at::Tensor>& bias) {
+  const int64_t N =
+      quant::check_int4_args("int4_dynamic_linear", x, qweight, scale, zero, group_size, bias);
+  const int64_t K = x.size(-1);
+  const at::Tensor xf = quant::f32c(x.reshape({-1, K}));
+  const int64_t M = xf.size(0), C = (K + kChunk - 1) / kChunk, G = (K + group_size - 1) / group_size;
+  const int64_t nb = C * (kChunk / kBlock);
+  // 128 % gs == 0 or gs % 128 == 0 (with gs % 32 == 0) keeps every lane in one group.
+  const bool tiles_ok = group_size % kBlock == 0 &&
+                        (kChunk % group_size == 0 || group_size % kChunk == 0);
+  const bool fast = K > 0 && M > 0 && M < kPrefillMinM && N > 0 && tiles_ok &&
+                    quant::cpu_isa() >= Isa::kAvx512Vnni;
+  at::Tensor q = at::empty({M, C * kChunk}, xf.options().dtype(at::kChar));
+  at::Tensor bs = at::empty({M, nb}, xf.options());
+  at::Tensor xs = at::empty({fast ? M : 0, nb * 4}, xf.options());
+  if (M > 0 && K > 0)
+    quantize_x(xf, fast,
+               {q.mutable_data_ptr<int8_t>(), bs.mutable_data_ptr<float>(),
+                fast ? xs.mutable_data_ptr<float>() : nullptr});
+  if (!fast) {
+    // xhat in fp32, natural k order, through the weight-only op: the same math, any CPU / M.
+    const at::Tensor xhat = q.view({M, nb, kBlock}).to(at::kFloat).mul(bs.unsqueeze(-1))
+                                .view({M, C * kChunk})
+                                .narrow(1, 0, K);
+    at::Tensor y = quant::int4_weight_only_linear_cpu(xhat, qweight, scale, zero, group_size,
+                                                      bias);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    return y.to(x.scalar_type()).view(shape);
+  }
+#if defined(__x86_64__)
+  quant::Out out(x, M, N);
+  const at::Tensor w = qweight.contiguous(), z = zero.contiguous(), s = quant::f32c(scale);
+  const at::Tensor b = bias ? quant::f32c(*bias) : at::Tensor();
+  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>(),
+                  C, w.const_data_ptr<uint8_t>(),
+                  s.const_data_ptr<float>(), z.const_data_ptr<uint8_t>(),
+                  b.defined() ? b.const_data_ptr<float>() : nullptr,
+                  out.acc.mutable_data_ptr<float>(), M, N, K, G, group_size, (K + 1) / 2};
+  const int64_t tiles = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, quant::row_grain(a.kb) / 4);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    dyn_range_vnni(a, t0 * 4, std::min(N, t1 * 4));
+  });
+  return out.finish(x);
+#else
+  TORCH_CHECK(false, "unreachable");
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(infopt, CPU, m) { m.impl("int4_dynamic_linear", &int4_dynamic_linear_cpu); }
+
+}  // namespace infopt
