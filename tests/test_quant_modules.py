@@ -1,6 +1,7 @@
 """Quantized modules, configs, wrap_model integration and save/load (tiny random models)."""
 
 import contextlib
+import copy
 import json
 
 import pytest
@@ -367,3 +368,43 @@ def test_modules_on_cuda_match_cpu(kind):
     assert torch.allclose(out, ref, rtol=tol, atol=tol * float(ref.abs().max()))
     bf = gpu_mod(x.cuda().bfloat16())
     assert bf.dtype == torch.bfloat16 and F.sqnr_db(ref, bf.float().cpu()) > 15
+
+
+# ------------------------------------------------------------------------------ huge pages
+
+
+def test_hugepage_copy(monkeypatch):
+    from infopt.quant import hugepages
+
+    big = torch.randint(0, 256, (1024, 5 * 1024), dtype=torch.uint8)  # 5 MiB
+    small = torch.ones(16, dtype=torch.uint8)
+    assert hugepages.hugepage_copy(small) is small
+    if hugepages.status() is not None:
+        pytest.skip(f"huge pages unavailable: {hugepages.status()}")
+    out = hugepages.hugepage_copy(big)
+    assert out is not big and torch.equal(out, big) and out.shape == big.shape
+    assert out.data_ptr() % (2 << 20) == 0 and out.is_contiguous()
+    ints = torch.arange(2 << 20, dtype=torch.int32).view(1024, -1)  # 8 MiB of int32
+    assert torch.equal(hugepages.hugepage_copy(ints), ints)
+    monkeypatch.setenv("INFOPT_HUGEPAGES", "0")
+    assert hugepages.status() == "disabled by INFOPT_HUGEPAGES=0"
+    assert hugepages.hugepage_copy(big) is big
+
+
+def test_quantized_weights_move_to_hugepages(monkeypatch, tmp_path):
+    from infopt.quant import hugepages
+
+    if hugepages.status() is not None:
+        pytest.skip(f"huge pages unavailable: {hugepages.status()}")
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 1024)  # the tiny model's int8 buffers qualify
+    model = tiny_llama()
+    ref = model(IDS).logits
+    q.quantize_model(model, "int8")
+    for m in model.modules():
+        if isinstance(m, q.Int8Linear):
+            assert m.qweight.data_ptr() % (2 << 20) == 0
+    out = model(IDS).logits
+    assert _cos(ref, out) > ALIAS_COSINE["int8"]
+    assert torch.equal(copy.deepcopy(model)(IDS).logits, out)
+    q.save_quantized(model, tmp_path)
+    assert torch.equal(q.load_quantized(tmp_path, tiny_llama(seed=2))(IDS).logits, out)

@@ -25,6 +25,7 @@ from .config import (
     W8A8Config,
 )
 from .gptq import gptq_quantize
+from .hugepages import hugepage_copy
 from .modules import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
 from .structure import BlockInputs
 
@@ -184,8 +185,20 @@ def quantize_model(
                 m.act_dtype = config.act_dtype
     if config.lm_head == "int8":
         replace_modules(model, lambda m, n: n == head, lambda m, n: Int8Linear.from_linear(m))
+    move_to_hugepages(model)
     setattr(model, QUANT_ATTR, config.to_dict())
     return model
+
+
+def move_to_hugepages(model: nn.Module) -> None:
+    """Copy the big quantized weight buffers of ``model`` into huge-page memory (see
+    :mod:`.hugepages`; a no-op where that is unavailable or disabled)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            for name in ("qweight", "weight_fp8"):
+                t = m._buffers.get(name)
+                if t is not None:
+                    m._buffers[name] = hugepage_copy(t)
 
 
 def _output_head_name(model: nn.Module, targets: list[str]) -> str:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..api import APPLIED_ATTR
 from .config import QuantConfig
 from .modules import QuantizedLinear
-from .quantize import QUANT_ATTR, is_quantized
+from .quantize import QUANT_ATTR, is_quantized, move_to_hugepages
 
 __all__ = ["WEIGHTS_NAME", "load_quantized", "save_quantized"]
 
@@ -148,6 +148,7 @@ def load_quantized(directory: str | os.PathLike, base: Any = None) -> nn.Module:
     for alias, source in json.loads(meta["infopt_aliases"]).items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
+    move_to_hugepages(model)
     setattr(model, QUANT_ATTR, config.to_dict())
     applied = getattr(model, APPLIED_ATTR, [])
     applied.append({"option": "quant", "config": config.to_dict()})
