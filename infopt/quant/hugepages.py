@@ -47,9 +47,13 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     # Over-allocate by one huge page so the data can start on a 2 MiB boundary.
     # Private (a shared anonymous map is shmem, which THP serves only if shmem_enabled says so).
     buf = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: faults then take huge pages
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    offset = -addr % _HUGE
+    view = ctypes.c_char.from_buffer(buf)
+    offset = -ctypes.addressof(view) % _HUGE
+    del view  # (a live ctypes export would pin the mapping)
+    # Advise only whole 2 MiB pages of the data, before the first touch (faults then take huge
+    # pages): a partly used last huge page would be resident in full, up to 2 MiB per tensor.
+    if nbytes >= _HUGE:
+        buf.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // _HUGE * _HUGE)
     # frombuffer keeps `buf` alive for as long as the tensor's storage lives.
     out = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape)
     out.copy_(t)
