@@ -40,8 +40,8 @@ constexpr int64_t kChunk = 128;  // k per decode step of a row: 64 packed bytes
 constexpr int64_t kPrefillMinM = 32;
 
 struct DynArgs {
-  const int8_t* xq;  // [M, C * 128] codes, per chunk [64 even k | 64 odd k], zero padded
-  const float* xs;   // [M, C, 16] lane scales: lane i of chunk c = scale of block 4c + i / 4
+  const int8_t* xq;  // [L, M, C * 128] codes, per chunk [64 even k | 64 odd k], zero padded
+  const float* xs;   // [L, M, C, 16] lane scales: lane i of chunk c = scale of block 4c + i / 4
   int64_t C;         // chunks per row: ceil(K / 128)
   const uint8_t* w;  // [N, kb] packed codes
   const float* s;    // [N, G]
@@ -51,13 +51,20 @@ struct DynArgs {
   int64_t M, N, K, G, gs, kb;
 };
 
+// Limbs: x ~= s1 q1 + s2 q2 + s3 q3 per block, s2 = s1 / 254, s3 = s2 / 254 (each residual
+// is at most half the previous step, i.e. within +-127 codes of the next). One limb is the
+// int8 rounding of int4_dynamic_linear; three represent x to ~2^-24 of its block maximum,
+// the precision of an fp32 sum, which is how int4_weight_only_linear uses the same kernel.
+constexpr int kMaxLimbs = 3;
+
 // Block scales exactly as quant_ref.quantize_blockwise_int8: amax / 127 in fp32, 1 for an
 // all-zero block (whose codes are then 0); codes round_half_even(x / scale) clamped to +-127.
 // Blocks past K (padding) get scale 0 and codes 0.
 struct QuantOut {
-  int8_t* q;   // [M, C * 128] codes: per chunk [64 even k | 64 odd k] if permuted, else natural
-  float* bs;   // [M, C * 4] block scales
-  float* xs;   // [M, C, 16] lane scales (lane i of chunk c: block 4c + i / 4), or nullptr
+  int8_t* q;   // [L, M, C * 128] codes: per chunk [64 even k | 64 odd k] if permuted, else natural
+  float* bs;   // [M, C * 4] block scales (of limb 1)
+  float* xs;   // [L, M, C, 16] lane scales (lane i of chunk c: block 4c + i / 4), or nullptr
+  int L;       // limbs (1 or 3; 3 only with permuted and AVX-512)
 };
 
 void quantize_row_scalar(const float* xr, int64_t K, int64_t nb, bool permuted, int8_t* qr,
@@ -89,7 +96,7 @@ INFOPT_AVX512 inline __m512i quant16(__m512 v, __m512 sv, __m512 lo, __m512 hi) 
 }
 
 INFOPT_AVX512 void quantize_row_avx512(const float* xr, int64_t K, int64_t nb, bool permuted,
-                                       int8_t* qr, float* bs) {
+                                       int8_t* qr, float* bs, int L, int64_t limb_stride) {
   const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -107,17 +114,26 @@ INFOPT_AVX512 void quantize_row_avx512(const float* xr, int64_t K, int64_t nb, b
       b = o;
     }
     // A padding block (left <= 0) has zero inputs: divide by 1 so its codes are 0, not NaN.
-    const __m512 sv = _mm512_set1_ps(left <= 0 ? 1.f : sc);
-    const __m512i qa = quant16(a, sv, lo, hi), qb = quant16(b, sv, lo, hi);
-    int8_t* da = qr + k0;
-    int8_t* db = qr + k0 + 16;
+    float sl = left <= 0 ? 1.f : sc;
+    int64_t oa = k0, ob = k0 + 16;
     if (permuted) {  // block bi of its chunk: even codes at 16 bi, odd codes at 64 + 16 bi
       const int64_t base = k0 - k0 % kChunk, bi = (k0 % kChunk) / kBlock;
-      da = qr + base + 16 * bi;
-      db = qr + base + 64 + 16 * bi;
+      oa = base + 16 * bi;
+      ob = base + 64 + 16 * bi;
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(da), _mm512_cvtepi32_epi8(qa));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(db), _mm512_cvtepi32_epi8(qb));
+    for (int l = 0; l < L; ++l) {
+      const __m512 sv = _mm512_set1_ps(sl);
+      const __m512i qa = quant16(a, sv, lo, hi), qb = quant16(b, sv, lo, hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + l * limb_stride + oa),
+                       _mm512_cvtepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + l * limb_stride + ob),
+                       _mm512_cvtepi32_epi8(qb));
+      if (l + 1 < L) {  // the residual (one rounding, by the fma) for the next limb
+        a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qa), sv, a);
+        b = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qb), sv, b);
+        sl = sl / 254.0f;
+      }
+    }
   }
 }
 #endif
@@ -135,20 +151,23 @@ void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
       float* bs = o.bs + m * nb;
 #if defined(__x86_64__)
       if (avx512)
-        quantize_row_avx512(xr, K, nb, permuted, qr, bs);
+        quantize_row_avx512(xr, K, nb, permuted, qr, bs, o.L, M * C * kChunk);
       else
 #endif
         quantize_row_scalar(xr, K, nb, permuted, qr, bs);
-      for (int64_t blk = 0; o.xs != nullptr && blk < nb; ++blk)
-        for (int64_t j = 0; j < 4; ++j) o.xs[m * nb * 4 + blk * 4 + j] = bs[blk];
+      for (int64_t blk = 0; o.xs != nullptr && blk < nb; ++blk) {
+        float sl = bs[blk];  // limb scales as quantize_row_avx512 derives them
+        for (int l = 0; l < o.L; ++l, sl = sl / 254.0f)
+          for (int64_t j = 0; j < 4; ++j) o.xs[(l * M + m) * nb * 4 + blk * 4 + j] = sl;
+      }
     }
   });
 }
 
 #if defined(__x86_64__)
 
-template <int NR, int MR>
-INFOPT_AVX512VNNI void dyn_tile_vnni(const DynArgs& a, int64_t n0, int64_t m0) {
+template <int NR, int MR, int L>
+INFOPT_AVX512VNNI inline void dyn_tile_impl(const DynArgs& a, int64_t n0, int64_t m0) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
@@ -184,18 +203,27 @@ INFOPT_AVX512VNNI void dyn_tile_vnni(const DynArgs& a, int64_t n0, int64_t m0) {
       }
     }
     for (int i = 0; i < MR; ++i) {
-      const int8_t* xr = a.xq + ((m0 + i) * a.C + c) * kChunk;
-      const __m512i xe = _mm512_loadu_si512(xr), xo = _mm512_loadu_si512(xr + 64);
-      const __m512 xsv = _mm512_loadu_ps(a.xs + ((m0 + i) * a.C + c) * 16);
-      // Per-lane sum of the activation codes, for the zero points.
-      const __m512 xsum = _mm512_cvtepi32_ps(
-          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xe), ones, xo));
+      __m512i xe[L], xo[L];
+      __m512 xsv[L], xsum[L];
+      for (int l = 0; l < L; ++l) {
+        const int8_t* xr = a.xq + ((l * a.M + m0 + i) * a.C + c) * kChunk;
+        xe[l] = _mm512_loadu_si512(xr);
+        xo[l] = _mm512_loadu_si512(xr + 64);
+        xsv[l] = _mm512_loadu_ps(a.xs + ((l * a.M + m0 + i) * a.C + c) * 16);
+        // Per-lane sum of the activation codes, for the zero points.
+        xsum[l] = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xe[l]), ones, xo[l]));
+      }
       for (int r = 0; r < NR; ++r) {
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xe);
-        d = _mm512_dpbusd_epi32(d, hi[r], xo);
-        // sum (code - zero) * xq per lane, exactly: every term is an integer below 2^24.
-        const __m512 q = _mm512_fnmadd_ps(zw[r], xsum, _mm512_cvtepi32_ps(d));
-        acc[i][r] = _mm512_fmadd_ps(_mm512_mul_ps(q, xsv), sw[r], acc[i][r]);
+        __m512 t = _mm512_setzero_ps();
+        for (int l = 0; l < L; ++l) {
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xe[l]);
+          d = _mm512_dpbusd_epi32(d, hi[r], xo[l]);
+          // sum (code - zero) * xq per lane, exactly: every term is an integer below 2^24.
+          const __m512 q = _mm512_fnmadd_ps(zw[r], xsum[l], _mm512_cvtepi32_ps(d));
+          t = _mm512_fmadd_ps(q, xsv[l], t);
+        }
+        acc[i][r] = _mm512_fmadd_ps(t, sw[r], acc[i][r]);
       }
     }
   }
@@ -207,9 +235,60 @@ INFOPT_AVX512VNNI void dyn_tile_vnni(const DynArgs& a, int64_t n0, int64_t m0) {
     }
 }
 
+template <int NR, int MR>
+INFOPT_AVX512VNNI void dyn_tile_vnni(const DynArgs& a, int64_t n0, int64_t m0) {
+  dyn_tile_impl<NR, MR, 1>(a, n0, m0);
+}
+// Three limbs: 2 x 3 activation registers per row; MR > 1 tiles would spill, so M rows go one
+// at a time (the weight tile stays in L1 across them).
+template <int NR, int MR>
+INFOPT_AVX512VNNI void dyn3_tile_vnni(const DynArgs& a, int64_t n0, int64_t m0) {
+  for (int i = 0; i < MR; ++i) dyn_tile_impl<NR, 1, kMaxLimbs>(a, n0, m0 + i);
+}
+
 INFOPT_TILE_RANGE(dyn_range_vnni, DynArgs, dyn_tile_vnni, INFOPT_AVX512VNNI)
+INFOPT_TILE_RANGE(dyn3_range_vnni, DynArgs, dyn3_tile_vnni, INFOPT_AVX512VNNI)
 
 #endif  // __x86_64__
+
+// 128 % gs == 0 or gs % 128 == 0 (with gs % 32 == 0) keeps every lane in one group.
+bool tiles_ok(int64_t gs) {
+  return gs % kBlock == 0 && (kChunk % gs == 0 || gs % kChunk == 0);
+}
+
+// The VNNI decode GEMV with `limbs` activation limbs on validated arguments (xf = x as fp32
+// [M, K], 0 < M < kPrefillMinM, K > 0, N > 0, tiles_ok(gs), AVX-512 VNNI).
+at::Tensor vnni_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor& qweight,
+                     const at::Tensor& scale, const at::Tensor& zero, int64_t gs,
+                     const std::optional<at::Tensor>& bias, int limbs) {
+#if defined(__x86_64__)
+  const int64_t M = xf.size(0), K = xf.size(1), N = qweight.size(0);
+  const int64_t C = (K + kChunk - 1) / kChunk, G = (K + gs - 1) / gs, nb = C * (kChunk / kBlock);
+  at::Tensor q = at::empty({limbs, M, C * kChunk}, xf.options().dtype(at::kChar));
+  at::Tensor bs = at::empty({M, nb}, xf.options());
+  at::Tensor xs = at::empty({limbs, M, nb * 4}, xf.options());
+  quantize_x(xf, true,
+             {q.mutable_data_ptr<int8_t>(), bs.mutable_data_ptr<float>(),
+              xs.mutable_data_ptr<float>(), limbs});
+  quant::Out out(x, M, N);
+  const at::Tensor w = qweight.contiguous(), z = zero.contiguous(), s = quant::f32c(scale);
+  const at::Tensor b = bias ? quant::f32c(*bias) : at::Tensor();
+  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>(),
+                  C, w.const_data_ptr<uint8_t>(),
+                  s.const_data_ptr<float>(), z.const_data_ptr<uint8_t>(),
+                  b.defined() ? b.const_data_ptr<float>() : nullptr,
+                  out.acc.mutable_data_ptr<float>(), M, N, K, G, gs, (K + 1) / 2};
+  const int64_t tiles = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, quant::row_grain(a.kb) / 4);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    if (limbs == 1) return dyn_range_vnni(a, t0 * 4, std::min(N, t1 * 4));
+    dyn3_range_vnni(a, t0 * 4, std::min(N, t1 * 4));
+  });
+  return out.finish(x);
+#else
+  TORCH_CHECK(false, "infopt: the VNNI GEMV needs x86-64");
+#endif
+}
 
 at::Tensor int4_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& qweight,
                                    const at::Tensor& scale, const at::Tensor& zero,
@@ -218,52 +297,38 @@ at::Tensor int4_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& qweigh
       quant::check_int4_args("int4_dynamic_linear", x, qweight, scale, zero, group_size, bias);
   const int64_t K = x.size(-1);
   const at::Tensor xf = quant::f32c(x.reshape({-1, K}));
-  const int64_t M = xf.size(0), C = (K + kChunk - 1) / kChunk, G = (K + group_size - 1) / group_size;
+  const int64_t M = xf.size(0), C = (K + kChunk - 1) / kChunk;
   const int64_t nb = C * (kChunk / kBlock);
-  // 128 % gs == 0 or gs % 128 == 0 (with gs % 32 == 0) keeps every lane in one group.
-  const bool tiles_ok = group_size % kBlock == 0 &&
-                        (kChunk % group_size == 0 || group_size % kChunk == 0);
-  const bool fast = K > 0 && M > 0 && M < kPrefillMinM && N > 0 && tiles_ok &&
-                    quant::cpu_isa() >= Isa::kAvx512Vnni;
+  if (K > 0 && M > 0 && M < kPrefillMinM && N > 0 && tiles_ok(group_size) &&
+      quant::cpu_isa() >= Isa::kAvx512Vnni)
+    return vnni_gemv(x, xf, qweight, scale, zero, group_size, bias, 1);
+  // Otherwise xhat in fp32, natural k order, through the weight-only op: the same math.
   at::Tensor q = at::empty({M, C * kChunk}, xf.options().dtype(at::kChar));
   at::Tensor bs = at::empty({M, nb}, xf.options());
-  at::Tensor xs = at::empty({fast ? M : 0, nb * 4}, xf.options());
   if (M > 0 && K > 0)
-    quantize_x(xf, fast,
-               {q.mutable_data_ptr<int8_t>(), bs.mutable_data_ptr<float>(),
-                fast ? xs.mutable_data_ptr<float>() : nullptr});
-  if (!fast) {
-    // xhat in fp32, natural k order, through the weight-only op: the same math, any CPU / M.
-    const at::Tensor xhat = q.view({M, nb, kBlock}).to(at::kFloat).mul(bs.unsqueeze(-1))
-                                .view({M, C * kChunk})
-                                .narrow(1, 0, K);
-    at::Tensor y = quant::int4_weight_only_linear_cpu(xhat, qweight, scale, zero, group_size,
-                                                      bias);
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = N;
-    return y.to(x.scalar_type()).view(shape);
-  }
-#if defined(__x86_64__)
-  quant::Out out(x, M, N);
-  const at::Tensor w = qweight.contiguous(), z = zero.contiguous(), s = quant::f32c(scale);
-  const at::Tensor b = bias ? quant::f32c(*bias) : at::Tensor();
-  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>(),
-                  C, w.const_data_ptr<uint8_t>(),
-                  s.const_data_ptr<float>(), z.const_data_ptr<uint8_t>(),
-                  b.defined() ? b.const_data_ptr<float>() : nullptr,
-                  out.acc.mutable_data_ptr<float>(), M, N, K, G, group_size, (K + 1) / 2};
-  const int64_t tiles = (N + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, quant::row_grain(a.kb) / 4);
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    dyn_range_vnni(a, t0 * 4, std::min(N, t1 * 4));
-  });
-  return out.finish(x);
-#else
-  TORCH_CHECK(false, "unreachable");
-#endif
+    quantize_x(xf, false, {q.mutable_data_ptr<int8_t>(), bs.mutable_data_ptr<float>(), nullptr, 1});
+  const at::Tensor xhat = q.view({M, nb, kBlock}).to(at::kFloat).mul(bs.unsqueeze(-1))
+                              .view({M, C * kChunk})
+                              .narrow(1, 0, K);
+  at::Tensor y = quant::int4_weight_only_linear_cpu(xhat, qweight, scale, zero, group_size, bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.to(x.scalar_type()).view(shape);
 }
 
 }  // namespace
+
+bool quant::int4_exact_gemv_ok(int64_t M, int64_t K, int64_t N, int64_t gs) {
+  return K > 0 && M > 0 && M < kPrefillMinM && N > 0 && tiles_ok(gs) &&
+         quant::cpu_isa() >= Isa::kAvx512Vnni;
+}
+
+at::Tensor quant::int4_exact_gemv(const at::Tensor& x, const at::Tensor& xf,
+                                  const at::Tensor& qweight, const at::Tensor& scale,
+                                  const at::Tensor& zero, int64_t gs,
+                                  const std::optional<at::Tensor>& bias) {
+  return vnni_gemv(x, xf, qweight, scale, zero, gs, bias, kMaxLimbs);
+}
 
 TORCH_LIBRARY_IMPL(infopt, CPU, m) { m.impl("int4_dynamic_linear", &int4_dynamic_linear_cpu); }
 
