@@ -326,3 +326,19 @@ def test_cpp_op_errors_name_the_argument():
         torch.ops.infopt.int4_weight_only_linear(x, q4, s4, z4.byte(), 3, None)
     with pytest.raises(RuntimeError, match="int4_dynamic_linear: zero must be a uint8"):
         torch.ops.infopt.int4_dynamic_linear(x, q4, s4, z4, 32, None)
+
+
+@pytest.mark.parametrize("bad", (float("nan"), float("inf"), -float("inf")))
+def test_cpp_int4_propagates_non_finite_activations(bad):
+    """The VNNI decode path splits x into int8 limbs, which cannot carry NaN / inf: such rows
+    must still come out non-finite exactly where the reference's do (the fp32 tiles take them),
+    and the finite rows of the same call stay right."""
+    op = "int4_weight_only_linear"
+    _require(op, "cpu", "cpp")
+    for m, k, n, gs in ((2, 300, 9, 32), (3, 1536, 64, 128)):
+        args = make_args(op, m, k, n, torch.float32, "cpu", gs=gs)
+        args[0][-1, k // 3] = bad
+        got, ref = call(op, args, "cpp"), reference(op, args)
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+        assert not got[-1].isfinite().any()
+        check(op, [args[0][:-1], *args[1:]], got[:-1], f"finite rows {m}x{k}x{n}")

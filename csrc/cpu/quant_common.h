@@ -97,6 +97,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw
 // into three int8 limbs per 32-block (x ~= s1 q1 + s2 q2 + s3 q3, to ~2^-24 of the block
 // maximum, an fp32 sum's precision), so it computes the weight-only op at fp32-grade accuracy
 // while streaming weights like the int8-activation kernel. _ok: shapes and CPU it runs on.
+// Returns an undefined tensor when x holds NaN or inf (the fp32 tiles then propagate them).
 bool int4_exact_gemv_ok(int64_t M, int64_t K, int64_t N, int64_t gs);
 at::Tensor int4_exact_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor& qweight,
                            const at::Tensor& scale, const at::Tensor& zero, int64_t gs,

@@ -286,8 +286,10 @@ at::Tensor quant::int4_weight_only_linear_cpu(const at::Tensor& x, const at::Ten
 
   const at::Tensor xf = quant::f32c(x.reshape({-1, K}));
   const int64_t M = xf.size(0);
-  if (quant::int4_exact_gemv_ok(M, K, N, group_size))
-    return quant::int4_exact_gemv(x, xf, qweight, scale, zero, group_size, bias);
+  if (quant::int4_exact_gemv_ok(M, K, N, group_size)) {
+    at::Tensor y = quant::int4_exact_gemv(x, xf, qweight, scale, zero, group_size, bias);
+    if (y.defined()) return y;  // undefined: x holds NaN / inf, handled below
+  }
   quant::Out out(x, M, N);
   if (M == 0 || N == 0) return out.finish(x);
   const at::Tensor w = qweight.contiguous(), z = zero.contiguous(), s = quant::f32c(scale);

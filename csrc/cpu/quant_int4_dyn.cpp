@@ -138,6 +138,21 @@ INFOPT_AVX512 void quantize_row_avx512(const float* xr, int64_t K, int64_t nb, b
 }
 #endif
 
+#if defined(__x86_64__)
+// True if no element of x[0, n) is NaN or +-inf.
+INFOPT_AVX512 bool all_finite(const float* x, int64_t n) {
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)  // |x| >= inf or unordered (NaN)
+    bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + i)), inf, _CMP_NLT_UQ);
+  const __mmask16 rest = static_cast<__mmask16>((1u << (n - i)) - 1);
+  bad |= _mm512_mask_cmp_ps_mask(rest, _mm512_abs_ps(_mm512_maskz_loadu_ps(rest, x + i)), inf,
+                                 _CMP_NLT_UQ);
+  return bad == 0;
+}
+#endif
+
 // x [M, K] fp32 -> QuantOut (see there).
 void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
   const int64_t M = xf.size(0), K = xf.size(1), C = (K + kChunk - 1) / kChunk;
@@ -327,6 +342,11 @@ at::Tensor quant::int4_exact_gemv(const at::Tensor& x, const at::Tensor& xf,
                                   const at::Tensor& qweight, const at::Tensor& scale,
                                   const at::Tensor& zero, int64_t gs,
                                   const std::optional<at::Tensor>& bias) {
+#if defined(__x86_64__)
+  // Limbs cannot carry NaN / inf: such inputs take the caller's fp32 path, which propagates
+  // them as the reference does.
+  if (!all_finite(xf.const_data_ptr<float>(), xf.numel())) return at::Tensor();
+#endif
   return vnni_gemv(x, xf, qweight, scale, zero, gs, bias, kMaxLimbs);
 }
 
