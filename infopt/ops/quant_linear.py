@@ -149,14 +149,16 @@ def validate(op: str, args: tuple) -> None:
     _VALIDATORS[op](*args)
 
 
-def run_validated(op: str, args: tuple) -> torch.Tensor:
-    """Run ``op`` on ``args`` that already passed :func:`validate`, with the process-default
-    backend: selection, fallback warnings and run counts exactly as the public function's.
+def run_validated(
+    op: str, args: tuple, backend: Backend | str | None = None
+) -> torch.Tensor:
+    """Run ``op`` on ``args`` that already passed :func:`validate`: backend selection,
+    fallback warnings and run counts of the public functions (which are validate + this).
 
     For callers whose weights are fixed (the quantized modules check theirs once, then only
     the activation per call): the Python checks cost about as much as a small decode GEMV.
     """
-    _, fn = select_backend(op, args[0].device, args, None)
+    _, fn = select_backend(op, args[0].device, args, backend)
     return fn(*args)
 
 
@@ -383,10 +385,9 @@ def int8_weight_only_linear(
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
-    _validate_int8(x, qweight, scale, bias)
     args = (x, qweight, scale, bias)
-    _, fn = select_backend("int8_weight_only_linear", x.device, args, backend)
-    return fn(*args)
+    validate("int8_weight_only_linear", args)
+    return run_validated("int8_weight_only_linear", args, backend)
 
 
 def int4_weight_only_linear(
@@ -411,10 +412,9 @@ def int4_weight_only_linear(
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
-    _validate_int4(x, qweight, scale, zero, group_size, bias)
     args = (x, qweight, scale, zero, group_size, bias)
-    _, fn = select_backend("int4_weight_only_linear", x.device, args, backend)
-    return fn(*args)
+    validate("int4_weight_only_linear", args)
+    return run_validated("int4_weight_only_linear", args, backend)
 
 
 def int4_dynamic_linear(
@@ -438,10 +438,9 @@ def int4_dynamic_linear(
 
     Args, returns: as :func:`int4_weight_only_linear`.
     """
-    _validate_int4(x, qweight, scale, zero, group_size, bias)
     args = (x, qweight, scale, zero, group_size, bias)
-    _, fn = select_backend("int4_dynamic_linear", x.device, args, backend)
-    return fn(*args)
+    validate("int4_dynamic_linear", args)
+    return run_validated("int4_dynamic_linear", args, backend)
 
 
 def int8_dynamic_linear(
@@ -465,10 +464,9 @@ def int8_dynamic_linear(
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
-    _validate_w8a8(x, qweight, scale, bias)
     args = (x, qweight, scale, bias)
-    _, fn = select_backend("int8_dynamic_linear", x.device, args, backend)
-    return fn(*args)
+    validate("int8_dynamic_linear", args)
+    return run_validated("int8_dynamic_linear", args, backend)
 
 
 def smoke_check(op: str, device: str, backend: str) -> str:

@@ -1,9 +1,10 @@
 """The single indirection point between quantized modules and matmul kernels.
 
-Every quantized module's forward calls one of the ``linear_*`` functions below, which call the
-registered ops (``infopt.ops.<op>``: backend chosen by ``infopt.ops.use_backend`` / AUTO, i.e.
-the C++ kernels on CPU; ``infopt.ops.quant_ref`` is their reference backend). fp8 has no
-registered op yet: it uses ``torch._scaled_mm`` natively or the fp32 emulation.
+The int8 / int4 / w8a8 modules run the registered ops (``infopt.ops.<op>``: backend chosen by
+``infopt.ops.use_backend`` / AUTO, i.e. the C++ kernels on CPU; ``infopt.ops.quant_ref`` is
+their reference backend) through :func:`validate` once and :func:`run_validated` per call.
+fp8 has no registered op yet: :func:`linear_fp8` uses ``torch._scaled_mm`` natively or the
+fp32 emulation.
 Shapes: ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; see ``quant_ref`` for the
 weight layouts.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops as _ops
 from ..ops import quant_linear as _quant_ops
 from ..ops import quant_ref as _ref
 
@@ -20,10 +20,6 @@ __all__ = [
     "fp8_native_available",
     "fp8_native_ok",
     "linear_fp8",
-    "linear_int4",
-    "linear_int4_dyn",
-    "linear_int8",
-    "linear_w8a8",
     "run_validated",
     "validate",
 ]
@@ -38,44 +34,6 @@ def run_validated(op: str, args: tuple) -> torch.Tensor:
     """``infopt.ops.<op>(*args)`` for arguments that passed :func:`validate` (same backend
     selection, fallback warnings and run counts; no second check)."""
     return _quant_ops.run_validated(op, args)
-
-
-def linear_int8(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """int8 weight-only: ``qweight int8 [N, K]``, ``scale [N]``."""
-    return _ops.int8_weight_only_linear(x, qweight, scale, bias)
-
-
-def linear_int4(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """int4 weight-only: ``qweight uint8 [N, ceil(K/2)]``, ``scale/zero [N, G]``."""
-    return _ops.int4_weight_only_linear(x, qweight, scale, zero, group_size, bias)
-
-
-def linear_int4_dyn(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """int4 weights (as :func:`linear_int4`) x int8 activations quantized per block of 32."""
-    return _ops.int4_dynamic_linear(x, qweight, scale, zero, group_size, bias)
-
-
-def linear_w8a8(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """W8A8: dynamic per-token int8 activations, ``qweight int8 [N, K]``, ``scale [N]``."""
-    return _ops.int8_dynamic_linear(x, qweight, scale, bias)
 
 
 def fp8_native_available(device: torch.device | str) -> bool:
