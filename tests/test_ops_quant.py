@@ -342,3 +342,30 @@ def test_cpp_int4_propagates_non_finite_activations(bad):
         assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
         assert not got[-1].isfinite().any()
         check(op, [args[0][:-1], *args[1:]], got[:-1], f"finite rows {m}x{k}x{n}")
+
+
+def test_cpp_int4_limb_kernel_integer_extremes():
+    """The weight-only decode GEMV merges three int8 limbs of x in int32 lanes, D = (d1 * 128 +
+    d2) * 128 + d3: drive every term to its bound (codes 15 with zero 0, |q1| = 127 or a tie
+    that makes q1 = 126 and q2 = 64, one sign per block) and require the fp32-grade result, so an
+    overflowing lane or a wrong limb shift fails. Also blocks whose elements span 12 orders of
+    magnitude (the limbs are relative to the block maximum)."""
+    op = "int4_weight_only_linear"
+    _require(op, "cpu", "cpp")
+    k, n, gs = 1536, 48, 128
+    ng = k // gs
+    q = pack(torch.full((n, k), 15, dtype=torch.uint8))
+    s = torch.full((n, ng), 0.01)
+    z = torch.zeros(n, ng, dtype=torch.uint8)
+    blocks = k // 32
+    sign = torch.where(torch.arange(blocks) % 3 == 0, -1.0, 1.0).repeat_interleave(32)
+    flat = torch.full((k,), 3.0) * sign  # every code 127 in limb 1
+    tie = flat.clone()  # x / s1 = 126.5 exactly: q1 = 126 (half to even), q2 = 64
+    tie.view(blocks, 32)[:, 1:] *= 126.5 / 127.0
+    spread = torch.randn(k) * torch.logspace(-6, 6, k)[torch.randperm(k)]
+    x = torch.stack([flat, tie, spread, -flat])
+    args = [x, q, s, z, gs, None]
+    got = call(op, args, "cpp").double()
+    exact = quant_ref.int4_weight_only_linear(x.double(), q, s.double(), z, gs, None)
+    err = (got - exact).pow(2).sum(-1) / exact.pow(2).sum(-1)
+    assert (10 * torch.log10(1 / err) > 100).all(), 10 * torch.log10(1 / err)

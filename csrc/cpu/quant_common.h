@@ -94,8 +94,8 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw
                                        int64_t group_size, const std::optional<at::Tensor>& bias);
 
 // Decode GEMV of int4_weight_only_linear on int8 dot products (quant_int4_dyn.cpp): x is split
-// into three int8 limbs per 32-block (x ~= s1 q1 + s2 q2 + s3 q3, to ~2^-24 of the block
-// maximum, an fp32 sum's precision), so it computes the weight-only op at fp32-grade accuracy
+// into three int8 limbs per 32-block (x ~= s1 q1 + s2 q2 + s3 q3, s2 = s1 / 128, s3 = s2 / 128:
+// to ~2^-22 of the block maximum, about an fp32 sum's precision), so it computes the weight-only op at fp32-grade accuracy
 // while streaming weights like the int8-activation kernel. _ok: shapes and CPU it runs on.
 // Returns an undefined tensor when x holds NaN or inf (the fp32 tiles then propagate them).
 bool int4_exact_gemv_ok(int64_t M, int64_t K, int64_t N, int64_t gs);

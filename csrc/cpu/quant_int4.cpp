@@ -5,8 +5,8 @@
 // (low nibble) | code 2j+1 (high nibble); scale [N, G] float, zero [N, G] uint8, G = ceil(K/gs).
 //
 // Small M on CPUs with AVX-512 VNNI and group sizes that tile 128: quant_int4_dyn.cpp's int8-dot
-// GEMV with x split into three int8 limbs per 32-block (fp32-grade: ~2^-24 of the block max),
-// ~10 % faster than the tiles below, which are bound by their shuffle port, not by memory.
+// GEMV with x split into three int8 limbs per 32-block (fp32-grade: ~2^-22 of the block max),
+// ~1.2x the tiles below, which are bound by their shuffle port, not by memory.
 // Small M otherwise (decode GEMV, 0.5 byte per weight): dequantization happens in registers.
 // AVX-512 builds, once per (row, group), a 16-entry table lut[c] = (c - zero) * scale (exactly
 // the reference's fp32 dequantized value) and turns codes into weights with one vpermps per 16

@@ -41,7 +41,8 @@ constexpr int64_t kPrefillMinM = 32;
 
 struct DynArgs {
   const int8_t* xq;  // [L, M, C * 128] codes, per chunk [64 even k | 64 odd k], zero padded
-  const float* xs;   // [L, M, C, 16] lane scales: lane i of chunk c = scale of block 4c + i / 4
+  const float* xs;   // [M, C, 16] lane scales of the last limb: lane i of chunk c = block 4c + i / 4
+  const float* xsum; // [M, C, 16] per-lane sums of the merged codes (for the zero points)
   int64_t C;         // chunks per row: ceil(K / 128)
   const uint8_t* w;  // [N, kb] packed codes
   const float* s;    // [N, G]
@@ -51,10 +52,13 @@ struct DynArgs {
   int64_t M, N, K, G, gs, kb;
 };
 
-// Limbs: x ~= s1 q1 + s2 q2 + s3 q3 per block, s2 = s1 / 254, s3 = s2 / 254 (each residual
-// is at most half the previous step, i.e. within +-127 codes of the next). One limb is the
-// int8 rounding of int4_dynamic_linear; three represent x to ~2^-24 of its block maximum,
-// the precision of an fp32 sum, which is how int4_weight_only_linear uses the same kernel.
+// Limbs: x ~= s1 q1 + s2 q2 + s3 q3 per block, s2 = s1 / 128, s3 = s2 / 128 (exact powers of
+// two; each residual is at most half the previous step, so |q2|, |q3| <= 64). One limb is the
+// int8 rounding of int4_dynamic_linear; three represent x to ~2^-22 of its block maximum, about
+// an fp32 sum's precision, which is how int4_weight_only_linear uses the same kernel. The ratio
+// 128 lets the kernel merge the limbs in integers, D = (d1 * 128 + d2) * 128 + d3 = sum code *
+// (16384 q1 + 128 q2 + q3) (< 2^28 per lane: 8 products of at most 15 * 127 * 16513), scaled
+// once by s3: a third of the float work of three separately scaled dot products.
 constexpr int kMaxLimbs = 3;
 
 // Block scales exactly as quant_ref.quantize_blockwise_int8: amax / 127 in fp32, 1 for an
@@ -131,7 +135,7 @@ INFOPT_AVX512 void quantize_row_avx512(const float* xr, int64_t K, int64_t nb, b
       if (l + 1 < L) {  // the residual (one rounding, by the fma) for the next limb
         a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qa), sv, a);
         b = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qb), sv, b);
-        sl = sl / 254.0f;
+        sl = sl * (1.0f / 128.0f);
       }
     }
   }
@@ -172,7 +176,7 @@ void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
         quantize_row_scalar(xr, K, nb, permuted, qr, bs);
       for (int64_t blk = 0; o.xs != nullptr && blk < nb; ++blk) {
         float sl = bs[blk];  // limb scales as quantize_row_avx512 derives them
-        for (int l = 0; l < o.L; ++l, sl = sl / 254.0f)
+        for (int l = 0; l < o.L; ++l, sl = sl * (1.0f / 128.0f))
           for (int64_t j = 0; j < 4; ++j) o.xs[(l * M + m) * nb * 4 + blk * 4 + j] = sl;
       }
     }
@@ -181,12 +185,30 @@ void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
 
 #if defined(__x86_64__)
 
+// Per-lane sums of the merged activation codes, sum over the lane's 8 k of (16384 q1 + 128 q2 +
+// q3) (or q1 for one limb), for every row and chunk: out [M, C, 16]. Computed once per call
+// rather than in every weight tile (it depends on x only).
+INFOPT_AVX512VNNI void lane_sums(const int8_t* xq, int64_t M, int64_t C, int L, float* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < C; ++c) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int l = 0; l < L; ++l) {
+        const int8_t* xr = xq + ((l * M + m) * C + c) * kChunk;
+        if (l > 0) sum = _mm512_slli_epi32(sum, 7);
+        sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(xr));
+        sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(xr + 64));
+      }
+      _mm512_storeu_ps(out + (m * C + c) * 16, _mm512_cvtepi32_ps(sum));
+    }
+}
+
 template <int NR, int MR, int L>
 INFOPT_AVX512VNNI inline void dyn_tile_impl(const DynArgs& a, int64_t n0, int64_t m0) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
-  const __m512i nib = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+  const __m512i nib = _mm512_set1_epi8(0x0F);
   // Lane i of a chunk covers k in [8i, 8i + 8): weight group 8i / gs of the chunk's groups.
   const int64_t gpc = kChunk / std::min(a.gs, kChunk);  // groups per chunk (1 when gs >= 128)
   const __m512i lane_group =
@@ -219,26 +241,26 @@ INFOPT_AVX512VNNI inline void dyn_tile_impl(const DynArgs& a, int64_t n0, int64_
     }
     for (int i = 0; i < MR; ++i) {
       __m512i xe[L], xo[L];
-      __m512 xsv[L], xsum[L];
       for (int l = 0; l < L; ++l) {
         const int8_t* xr = a.xq + ((l * a.M + m0 + i) * a.C + c) * kChunk;
         xe[l] = _mm512_loadu_si512(xr);
         xo[l] = _mm512_loadu_si512(xr + 64);
-        xsv[l] = _mm512_loadu_ps(a.xs + ((l * a.M + m0 + i) * a.C + c) * 16);
-        // Per-lane sum of the activation codes, for the zero points.
-        xsum[l] = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xe[l]), ones, xo[l]));
       }
+      // Lane scale of the last limb (s1 for one limb, s1 / 16384 for three) and the per-lane
+      // sum of the merged activation codes, for the zero points.
+      const __m512 xsv = _mm512_loadu_ps(a.xs + ((m0 + i) * a.C + c) * 16);
+      const __m512 xsum = _mm512_loadu_ps(a.xsum + ((m0 + i) * a.C + c) * 16);
       for (int r = 0; r < NR; ++r) {
-        __m512 t = _mm512_setzero_ps();
+        __m512i d = _mm512_setzero_si512();
         for (int l = 0; l < L; ++l) {
-          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xe[l]);
-          d = _mm512_dpbusd_epi32(d, hi[r], xo[l]);
-          // sum (code - zero) * xq per lane, exactly: every term is an integer below 2^24.
-          const __m512 q = _mm512_fnmadd_ps(zw[r], xsum[l], _mm512_cvtepi32_ps(d));
-          t = _mm512_fmadd_ps(q, xsv[l], t);
+          if (l > 0) d = _mm512_slli_epi32(d, 7);
+          d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d, lo[r], xe[l]), hi[r], xo[l]);
         }
-        acc[i][r] = _mm512_fmadd_ps(t, sw[r], acc[i][r]);
+        // sum (code - zero) * xq per lane: exact for one limb (every term an integer below
+        // 2^24, so a code equal to its zero contributes exactly 0, as in the reference); for
+        // three limbs D and zero * xsum may pass 2^24 and round once each (2^-24 relative).
+        const __m512 q = _mm512_fnmadd_ps(zw[r], xsum, _mm512_cvtepi32_ps(d));
+        acc[i][r] = _mm512_fmadd_ps(_mm512_mul_ps(q, xsv), sw[r], acc[i][r]);
       }
     }
   }
@@ -288,8 +310,10 @@ at::Tensor vnni_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor
   quant::Out out(x, M, N);
   const at::Tensor w = qweight.contiguous(), z = zero.contiguous(), s = quant::f32c(scale);
   const at::Tensor b = bias ? quant::f32c(*bias) : at::Tensor();
-  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>(),
-                  C, w.const_data_ptr<uint8_t>(),
+  at::Tensor xsum = at::empty({M, C * 16}, xf.options());
+  lane_sums(q.const_data_ptr<int8_t>(), M, C, limbs, xsum.mutable_data_ptr<float>());
+  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>() + (limbs - 1) * M * nb * 4,
+                  xsum.const_data_ptr<float>(), C, w.const_data_ptr<uint8_t>(),
                   s.const_data_ptr<float>(), z.const_data_ptr<uint8_t>(),
                   b.defined() ? b.const_data_ptr<float>() : nullptr,
                   out.acc.mutable_data_ptr<float>(), M, N, K, G, gs, (K + 1) / 2};
