@@ -46,7 +46,8 @@ def make_config(method: str, args: argparse.Namespace) -> q.QuantConfig:
         act_order = algo.endswith("-ao")
         algo = algo.removesuffix("-ao")
         return q.Int4WeightOnlyConfig(group_size=int(group or 128), method=algo,
-                                      act_order=act_order, damp=args.damp, **calib)
+                                      act_order=act_order, damp=args.damp,
+                                      awq_clip=not args.no_awq_clip, **calib)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--calib-text", default="lee", choices=["lee", "pydoc"])
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping")
+    p.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clip-ratio search")
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--json", help="also write the rows here")

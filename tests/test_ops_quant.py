@@ -369,3 +369,18 @@ def test_cpp_int4_limb_kernel_integer_extremes():
     exact = quant_ref.int4_weight_only_linear(x.double(), q, s.double(), z, gs, None)
     err = (got - exact).pow(2).sum(-1) / exact.pow(2).sum(-1)
     assert (10 * torch.log10(1 / err) > 100).all(), 10 * torch.log10(1 / err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reference_activation_codes_match_across_devices():
+    """The references quantize activations identically on CPU and CUDA (IEEE ``amax / 127``,
+    not PyTorch's CUDA multiply-by-reciprocal for scalar divisors), so the GPU kernels, which
+    divide exactly, can be held to the CPU's bit-exact standard."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 96, generator=g) * torch.exp(torch.randn(4096, 1, generator=g))
+    for fn in (quant_ref.quantize_per_token_int8, quant_ref.quantize_blockwise_int8):
+        for dt in (torch.float32, torch.bfloat16):
+            q_cpu, s_cpu = fn(x.to(dt))
+            q_gpu, s_gpu = fn(x.to(dt).cuda())
+            assert torch.equal(s_gpu.cpu(), s_cpu), fn.__name__
+            assert torch.equal(q_gpu.cpu(), q_cpu), fn.__name__

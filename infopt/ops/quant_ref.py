@@ -56,6 +56,18 @@ def _finish(y: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torc
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
+def true_div(a: torch.Tensor, d: float) -> torch.Tensor:
+    """``a / d`` by IEEE division on every device.
+
+    ``tensor / python_float`` is not that on CUDA: PyTorch multiplies by the reciprocal when the
+    divisor is a CPU scalar ("may lose one bit of precision"), so a scale ``amax / 127`` can
+    differ in its last bit from the kernels' (and the CPU's) ``amax / 127``, and a code that
+    sits on a rounding boundary then flips. Dividing by a same-device tensor takes the true
+    division kernel.
+    """
+    return a / torch.full_like(a, d)
+
+
 def int8_weight_only_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -150,7 +162,7 @@ def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, true_div(amax, 127.0), torch.ones_like(amax))
     q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -211,7 +223,7 @@ def quantize_blockwise_int8(
     nb = -(-k // block)
     xb = torch.nn.functional.pad(xf, (0, nb * block - k)).view(m, nb, block)
     amax = xb.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, true_div(amax, 127.0), torch.ones_like(amax))
     q = torch.round(xb / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q.view(m, nb * block)[:, :k], scale
 
@@ -250,7 +262,7 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, true_div(amax, FP8_E4M3_MAX), torch.ones_like(amax))
     q = (xf / scale[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

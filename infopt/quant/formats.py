@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.quant_ref import FP8_E4M3_MAX, dequantize_int4_packed, unpack_int4
+from ..ops.quant_ref import FP8_E4M3_MAX, dequantize_int4_packed, true_div, unpack_int4
 
 __all__ = [
     "GROUP_SIZES",
@@ -91,7 +91,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     wf = check_weight(w).float()
     amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, true_div(amax, 127.0), torch.ones_like(amax))
     q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -157,7 +157,7 @@ def int4_params(
         wmin = wmin * clip_ratio
         wmax = wmax * clip_ratio
     rng = wmax - wmin
-    scale = torch.where(rng > 0, rng / 15.0, torch.ones_like(rng))
+    scale = torch.where(rng > 0, true_div(rng, 15.0), torch.ones_like(rng))
     zero = torch.round(-wmin / scale).clamp_(0, 15).to(torch.uint8)
     return scale, zero
 
@@ -213,7 +213,7 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel e4m3: ``w [N, K]`` -> (float8_e4m3fn ``[N, K]``, fp32 scale ``[N]``)."""
     wf = check_weight(w).float()
     amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, true_div(amax, FP8_E4M3_MAX), torch.ones_like(amax))
     q = (wf / scale[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
