@@ -9,7 +9,9 @@ Prints microseconds per call, effective weight GB/s and the speed-up over bf16 `
 for each (K x N, M). Every kernel is first checked against the fp32 reference (SQNR). Each
 kernel cycles through weight copies worth ``--rotate-mib`` (default 512 MiB, ten times the
 50 MiB L2 of an H100) so weights stream from HBM as in real decode, not from L2. Timing: CUDA
-events around ``--calls`` back-to-back calls, median over ``--rounds``.
+events around a CUDA-graph replay of ``--calls`` back-to-back calls (GPU time only: an eager
+infopt op call costs ~20 us of Python on the host, more than a decode GEMV takes on an H100, so
+eager timing measures the host; ``--eager`` shows that), median over ``--rounds``.
 """
 
 from __future__ import annotations
@@ -32,17 +34,39 @@ def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
 
 
-def _time(fn, arg_sets, calls: int, rounds: int) -> float:
-    """Median seconds per call; consecutive calls use different weight copies."""
+def _time(fn, arg_sets, calls: int, rounds: int, graph: bool) -> float:
+    """Median seconds per call; consecutive calls use different weight copies.
+
+    ``graph``: the ``calls`` launches are captured once in a CUDA graph and the graph is
+    replayed, so only GPU time counts (how decode runs under CUDA graphs / ``torch.compile``
+    "reduce-overhead", and the only way to see a ~10 us GEMV behind a Python op call that
+    costs more than that on the host). Otherwise eager calls, host overhead included.
+    """
     for a in arg_sets[:3]:
         fn(*a)
     torch.cuda.synchronize()
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up on the capture stream (allocator, autotune)
+            for i in range(3):
+                fn(*arg_sets[i % len(arg_sets)])
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                fn(*arg_sets[i % len(arg_sets)])
+        g.replay()
+        torch.cuda.synchronize()
     per_call = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(calls):
-            fn(*arg_sets[i % len(arg_sets)])
+        if graph:
+            g.replay()
+        else:
+            for i in range(calls):
+                fn(*arg_sets[i % len(arg_sets)])
         end.record()
         end.synchronize()
         per_call.append(start.elapsed_time(end) / 1e3 / calls)
@@ -98,7 +122,7 @@ def bench(k: int, n: int, ms: list[int], args) -> None:
                     print(f"  {name}: WRONG, SQNR {db:.1f} dB vs reference")
                     continue
             sets = [(x, w) for w in ws]
-            res[name] = (_time(fn, sets, args.calls, args.rounds), nbytes)
+            res[name] = (_time(fn, sets, args.calls, args.rounds, not args.eager), nbytes)
         base = res["bf16 F.linear"][0]
         cells = [
             f"{name} {t * 1e6:7.1f}us {nb / t / 1e9:6.0f}GB/s {base / t:5.2f}x"
@@ -114,6 +138,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--rotate-mib", type=int, default=512)
+    p.add_argument("--eager", action="store_true",
+                   help="time eager calls (host overhead included) instead of CUDA-graph replay")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
