@@ -193,7 +193,7 @@ def test_layouts(op):
                 check(op, args, got, f"{backend} {op} x{tuple(x.shape)} {x.stride()}")
 
 
-@pytest.mark.parametrize("isa", ("avx512", "avx2", "scalar"))
+@pytest.mark.parametrize("isa", ("avx512vnni", "avx512", "avx2", "scalar"))
 def test_cpp_lower_isa_paths(isa):
     """The AVX-512 (no VNNI), AVX2 and scalar kernels (a VNNI box otherwise runs only the
     best ones)."""
@@ -211,6 +211,24 @@ print("ok")
 """
     out = run_python(code, env={"INFOPT_CPU_ISA": isa})
     assert "ok" in out
+
+
+def test_cpp_isa_cap_rejects_unknown_values():
+    """A misspelt INFOPT_CPU_ISA is an error naming the accepted values, not silently no cap."""
+    _require("int8_weight_only_linear", "cpu", "cpp")
+    code = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_ops_quant import make_args, call
+try:
+    call("int8_weight_only_linear", make_args("int8_weight_only_linear", 1, 64, 8, torch.float32,
+         "cpu"), "cpp")
+except RuntimeError as e:
+    print("raised:", e)
+"""
+    out = run_python(code, env={"INFOPT_CPU_ISA": "avx-512"})
+    assert "INFOPT_CPU_ISA=avx-512 is not an ISA cap" in out, out
+    assert "scalar, avx2, avx512, avx512vnni" in out, out
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -34,7 +34,7 @@ namespace quant {
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
 
-// Best ISA this CPU supports, capped by INFOPT_CPU_ISA=scalar|avx2|avx512 (read once; lets the
+// Best ISA this CPU supports, capped by INFOPT_CPU_ISA=scalar|avx2|avx512|avx512vnni (read once; lets the
 // tests exercise the lower paths on an AVX-512 machine, and users dodge a misbehaving path).
 inline Isa cpu_isa() {
   static const Isa isa = [] {
@@ -51,10 +51,13 @@ inline Isa cpu_isa() {
     const char* env = std::getenv("INFOPT_CPU_ISA");
     if (env != nullptr && *env != '\0') {
       const std::string s(env);
-      const Isa cap = s == "scalar" ? Isa::kScalar
-                      : s == "avx2" ? Isa::kAvx2
-                      : s == "avx512" ? Isa::kAvx512
-                                      : Isa::kAvx512Vnni;
+      Isa cap = Isa::kAvx512Vnni;
+      if (s == "scalar") cap = Isa::kScalar;
+      else if (s == "avx2") cap = Isa::kAvx2;
+      else if (s == "avx512") cap = Isa::kAvx512;
+      else TORCH_CHECK(s == "avx512vnni", "INFOPT_CPU_ISA=", s,
+                       " is not an ISA cap; accepted values: scalar, avx2, avx512, avx512vnni "
+                       "(or unset for the best this CPU has)");
       best = std::min(best, cap);
     }
     return best;
