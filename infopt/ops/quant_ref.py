@@ -36,6 +36,7 @@ __all__ = [
     "int4_dynamic_linear",
     "quantize_blockwise_int8",
     "quantize_per_token_int8",
+    "true_div",
     "unpack_int4",
 ]
 
