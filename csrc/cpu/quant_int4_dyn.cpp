@@ -67,7 +67,8 @@ constexpr int kMaxLimbs = 3;
 struct QuantOut {
   int8_t* q;   // [L, M, C * 128] codes: per chunk [64 even k | 64 odd k] if permuted, else natural
   float* bs;   // [M, C * 4] block scales (of limb 1)
-  float* xs;   // [L, M, C, 16] lane scales (lane i of chunk c: block 4c + i / 4), or nullptr
+  float* xs;   // [M, C, 16] lane scales of the last limb (lane i of chunk c: block 4c + i / 4),
+               // or nullptr: the only scale the kernel needs once the limbs are merged
   int L;       // limbs (1 or 3; 3 only with permuted and AVX-512)
 };
 
@@ -175,9 +176,9 @@ void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
 #endif
         quantize_row_scalar(xr, K, nb, permuted, qr, bs);
       for (int64_t blk = 0; o.xs != nullptr && blk < nb; ++blk) {
-        float sl = bs[blk];  // limb scales as quantize_row_avx512 derives them
-        for (int l = 0; l < o.L; ++l, sl = sl * (1.0f / 128.0f))
-          for (int64_t j = 0; j < 4; ++j) o.xs[(l * M + m) * nb * 4 + blk * 4 + j] = sl;
+        float sl = bs[blk];  // the last limb's scale, as quantize_row_avx512 derives it
+        for (int l = 1; l < o.L; ++l) sl = sl * (1.0f / 128.0f);
+        for (int64_t j = 0; j < 4; ++j) o.xs[m * nb * 4 + blk * 4 + j] = sl;
       }
     }
   });
@@ -303,7 +304,7 @@ at::Tensor vnni_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor
   const int64_t C = (K + kChunk - 1) / kChunk, G = (K + gs - 1) / gs, nb = C * (kChunk / kBlock);
   at::Tensor q = at::empty({limbs, M, C * kChunk}, xf.options().dtype(at::kChar));
   at::Tensor bs = at::empty({M, nb}, xf.options());
-  at::Tensor xs = at::empty({limbs, M, nb * 4}, xf.options());
+  at::Tensor xs = at::empty({M, nb * 4}, xf.options());
   quantize_x(xf, true,
              {q.mutable_data_ptr<int8_t>(), bs.mutable_data_ptr<float>(),
               xs.mutable_data_ptr<float>(), limbs});
@@ -312,7 +313,7 @@ at::Tensor vnni_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor
   const at::Tensor b = bias ? quant::f32c(*bias) : at::Tensor();
   at::Tensor xsum = at::empty({M, C * 16}, xf.options());
   lane_sums(q.const_data_ptr<int8_t>(), M, C, limbs, xsum.mutable_data_ptr<float>());
-  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>() + (limbs - 1) * M * nb * 4,
+  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>(),
                   xsum.const_data_ptr<float>(), C, w.const_data_ptr<uint8_t>(),
                   s.const_data_ptr<float>(), z.const_data_ptr<uint8_t>(),
                   b.defined() ? b.const_data_ptr<float>() : nullptr,

@@ -161,10 +161,16 @@ def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     ``scale = max|x_m| / 127`` (1 for an all-zero row, whose codes are then 0).
     """
-    xf = x.float()
+    return _symmetric_int8(x.float())
+
+
+def _symmetric_int8(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one int8 rounding rule, over the last dim of fp32 ``xf [..., B]``: (codes int8
+    ``[..., B]``, scale ``[...]``), ``scale = max| | / 127`` (1 for all zeros) and codes
+    ``round_half_even(x / scale)`` clamped to +-127."""
     amax = xf.abs().amax(dim=-1)
     scale = torch.where(amax > 0, true_div(amax, 127.0), torch.ones_like(amax))
-    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -222,10 +228,7 @@ def quantize_blockwise_int8(
     xf = x.float()
     m, k = xf.shape
     nb = -(-k // block)
-    xb = torch.nn.functional.pad(xf, (0, nb * block - k)).view(m, nb, block)
-    amax = xb.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, true_div(amax, 127.0), torch.ones_like(amax))
-    q = torch.round(xb / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    q, scale = _symmetric_int8(torch.nn.functional.pad(xf, (0, nb * block - k)).view(m, nb, block))
     return q.view(m, nb * block)[:, :k], scale
 
 

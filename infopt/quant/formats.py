@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.quant_ref import FP8_E4M3_MAX, dequantize_int4_packed, true_div, unpack_int4
+from ..ops.quant_ref import (
+    FP8_E4M3_MAX,
+    dequantize_int4_packed,
+    quantize_per_token_int8,
+    true_div,
+    unpack_int4,
+)
 
 __all__ = [
     "GROUP_SIZES",
@@ -89,11 +95,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     An all-zero row gets scale 1 (its codes are 0), so dequantization never divides by 0.
     """
-    wf = check_weight(w).float()
-    amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, true_div(amax, 127.0), torch.ones_like(amax))
-    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    # The same rule as the per-token activation quantization of W8A8 (quant_ref).
+    return quantize_per_token_int8(check_weight(w))
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
