@@ -133,6 +133,30 @@ def test_triton(op, dtype):
         check(op, args, call(op, args, "triton"), f"triton {op} {m}x{k}x{n} g{gs}")
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bfloat16", "float16"))
+def test_cuda_int4_tensor_core_path(dtype):
+    """Shapes the CUDA int4 tensor-core (mma) path takes, which the grid above never reaches
+    (16-bit x, K % 128 == 0, group_size = 128 * 2^j): M = 1..16 in one or two n8 tiles and
+    M > 16 over several block rows, N not a multiple of the 16-row block, each (warps, unroll)
+    choice of the dispatch (K < 2048; K >= 2048 with M <= 8, with M > 8 and N < 4096 or >= 4096),
+    K steps split unevenly over the warps (K = 11008 -> 86 steps), group 256, strided x rows."""
+    op = "int4_weight_only_linear"
+    _require(op, "cuda", "cuda")
+    cases = (
+        (1, 128, 1, 128), (1, 4096, 4096, 128), (2, 384, 7, 128), (5, 1152, 33, 128),
+        (8, 1024, 129, 256), (9, 640, 16, 128), (16, 2048, 100, 128), (17, 256, 31, 256),
+        (40, 11008, 24, 128), (3, 8960, 40, 128), (12, 2048, 4100, 128),
+    )  # fmt: skip
+    for i, (m, k, n, gs) in enumerate(cases):
+        args = make_args(op, m, k, n, dtype, "cuda", bias=i % 2 == 0, gs=gs, seed=i)
+        check(op, args, call(op, args, "cuda"), f"cuda {op} {m}x{k}x{n} g{gs} {dtype}")
+    args = make_args(op, 4, 256, 20, dtype, "cuda", gs=128)
+    wide = torch.zeros(4, 512, device="cuda", dtype=dtype)
+    wide[:, 256:] = args[0]
+    args[0] = wide[:, 256:]  # row stride 512 elements, 16-byte aligned
+    check(op, args, call(op, args, "cuda"), f"cuda {op} strided x {dtype}")
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("float32", "bfloat16"))
 def test_cpp_prefill_path(dtype):
     """M past the GEMV/prefill crossover (64 rows for int8, 32 for int4): the dequantize-to-fp32

@@ -17,9 +17,10 @@ extern "C" {
 //   scale  : [N, G] float32, zero: [N, G] uint8, G = ceil(K / group_size), row-major.
 //   bias   : [N] float32 or nullptr.
 //   y      : [M, N] in x_dtype, contiguous.
-// fp32 accumulation. Any M (tiles of up to 8 rows share one pass over the weights), any K and
-// even group_size; the 128-bit-load path needs K % 32 == 0, group_size % 32 == 0 and 16-byte
-// aligned rows, other shapes take a byte-wise path. Returns cudaErrorInvalidValue for bad
+// fp32 accumulation. Any M, any K and even group_size. fp16/bf16 x on sm_80+ with K % 128 == 0,
+// group_size = 128 * 2^j and 16-byte aligned rows runs on tensor cores (mma.sync, 8 or 16
+// activation rows per pass over the weights); otherwise a SIMT kernel (tiles of up to 8 rows),
+// whose 128-bit-load path needs K % 32 == 0, group_size % 32 == 0 and 16-byte aligned rows. Returns cudaErrorInvalidValue for bad
 // arguments, else the launch status; does not synchronize.
 cudaError_t infopt_int4_gemv_cuda(const void* x, int64_t x_row_stride, const uint8_t* qweight,
                                   const float* scale, const uint8_t* zero, const float* bias,
