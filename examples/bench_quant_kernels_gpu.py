@@ -1,9 +1,10 @@
-"""GPU benchmark of infopt quantized linears: int4 ``cuda`` / ``triton``, int8 and w8a8 ``triton``,
-against bf16 ``F.linear`` (cuBLAS). Run on a CUDA box:
+"""GPU benchmark of infopt quantized linears: int4 ``cuda`` (row-major and tiled layouts) /
+``triton``, int8 and w8a8 ``triton``, against bf16 ``F.linear`` (cuBLAS). Run on a CUDA box:
 
     python -m infopt.ops.build                       # build + smoke-test every backend first
     python examples/bench_quant_kernels_gpu.py       # M = 1 4 16 on the shapes below
     python examples/bench_quant_kernels_gpu.py --m 1 --shapes 4096x4096 --rounds 20
+    python examples/bench_quant_kernels_gpu.py --kernels cuda     # only names containing "cuda"
 
 Prints microseconds per call, effective weight GB/s and the speed-up over bf16 ``F.linear``
 for each (K x N, M). Every kernel is first checked against the fp32 reference (SQNR). Each
@@ -85,12 +86,19 @@ def bench(k: int, n: int, ms: list[int], args) -> None:
     c8 = max(2, (args.rotate_mib << 20) // (n * k))
     q8 = [torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8) for _ in range(c8)]
     s8 = torch.rand(n, device=dev) * 0.01 + 1e-3
+    tiled = [ops.int4_tile(q, s4, z4, GROUP) for q in q4]  # (codes, meta) per copy
     cands = {  # name: (fn, weights, reference, weight bytes)
         "bf16 F.linear": (lambda x, w: F.linear(x, w), w16, None, 2 * n * k),
         "int4 cuda": (
             lambda x, w: ops.int4_weight_only_linear(x, w, s4, z4, GROUP, backend="cuda"),
             q4,
             lambda x, w: quant_ref.int4_weight_only_linear(x, w, s4, z4, GROUP),
+            n * k // 2 + 5 * n * g,
+        ),
+        "int4 tiled cuda": (
+            lambda x, w: ops.int4_tiled_linear(x, w[0], w[1], n, GROUP, backend="cuda"),
+            tiled,
+            lambda x, w: ops.int4_tiled.int4_tiled_linear_reference(x, w[0], w[1], n, GROUP),
             n * k // 2 + 5 * n * g,
         ),
         "int4 triton": (
@@ -116,6 +124,8 @@ def bench(k: int, n: int, ms: list[int], args) -> None:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         res = {}
         for name, (fn, ws, ref, nbytes) in cands.items():
+            if name != "bf16 F.linear" and not any(f in name for f in args.kernels):
+                continue
             if ref is not None:  # correctness first: a fast wrong kernel is not a result
                 db = _sqnr(ref(x.float(), ws[0]), fn(x, ws[0]).float())
                 if db < 42:  # one bf16 rounding of the output is >= 42 dB
@@ -138,6 +148,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--rotate-mib", type=int, default=512)
+    p.add_argument("--kernels", nargs="+", default=[""],
+                   help="run only kernels whose name contains one of these (default: all)")
     p.add_argument("--eager", action="store_true",
                    help="time eager calls (host overhead included) instead of CUDA-graph replay")
     args = p.parse_args()

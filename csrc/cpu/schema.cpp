@@ -24,6 +24,11 @@ TORCH_LIBRARY(infopt, m) {
   m.def(
       "int4_dynamic_linear(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size,"
       " Tensor? bias) -> Tensor");
+  //   int4 weight-only on the tiled CUDA layout (infopt/ops/int4_tiled.py): codes uint8
+  //   [ceil(N/16), K/128, 1024], meta uint8 [ceil(N/16), G, 80]; CUDA impl only.
+  m.def(
+      "int4_tiled_linear(Tensor x, Tensor codes, Tensor meta, int n, int group_size, Tensor? bias)"
+      " -> Tensor");
   //   w8a8: dynamic per-token symmetric int8 activations x int8 weights, exact int32 accumulation.
   m.def("int8_dynamic_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   // Paged attention (layouts and semantics: infopt/ops/paged_attention.py): packed varlen q

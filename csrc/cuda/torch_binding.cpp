@@ -1,6 +1,7 @@
-// Thin torch adapter for the CUDA kernels (rmsnorm.cu, int4_gemv.cu): validates tensors, picks the
-// current stream and device, and calls their plain-C launchers. The schemas are defined once in
-// csrc/cpu/schema.cpp (the CPU library must be loaded first); this file only adds CUDA impls.
+// Thin torch adapter for the CUDA kernels (rmsnorm.cu, int4_gemv.cu, int4_tiled.cu): validates
+// tensors, picks the current stream and device, and calls their plain-C launchers. The schemas
+// are defined once in csrc/cpu/schema.cpp (the CPU library must be loaded first); this file only
+// adds CUDA impls.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "int4_gemv.h"
+#include "int4_tiled.h"
 #include "rmsnorm.h"
 
 namespace infopt {
@@ -109,11 +111,69 @@ at::Tensor int4_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& q
   return y;
 }
 
+// A copy with a 16-byte aligned data pointer (a storage-offset view may not be).
+at::Tensor aligned16(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+// infopt::int4_tiled_linear on CUDA: x [..., K] bf16/fp16 -> [..., N] in x.dtype, weights in the
+// tiled layout (int4_tiled.h). The Python op validates first; these checks guard direct calls.
+at::Tensor int4_tiled_linear_cuda(const at::Tensor& x, const at::Tensor& codes,
+                                  const at::Tensor& meta, int64_t n, int64_t group_size,
+                                  const std::optional<at::Tensor>& bias) {
+  const char* op = "infopt::int4_tiled_linear";
+  TORCH_CHECK(x.is_cuda() && codes.device() == x.device() && meta.device() == x.device() &&
+                  (!bias || bias->device() == x.device()),
+              op, " (CUDA): x, codes, meta and bias must be on one CUDA device");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension ([..., K])");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x dtype must be bfloat16 or float16, got ", x.scalar_type());
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K > 0 && K % 128 == 0, op, ": x.shape[-1] = K must be a multiple of 128, got ", K);
+  TORCH_CHECK(group_size >= 128 && (group_size & (group_size - 1)) == 0, op,
+              ": group_size must be 128 * 2**j, got ", group_size);
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  const int64_t T = (n + 15) / 16, G = (K + group_size - 1) / group_size;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(0) == T &&
+                  codes.size(1) == K / 128 && codes.size(2) == 1024,
+              op, ": codes must be uint8 [", T, ", ", K / 128, ", 1024], got ",
+              codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 3 && meta.size(0) == T &&
+                  meta.size(1) == G && meta.size(2) == 80,
+              op, ": meta must be uint8 [", T, ", ", G, ", 80], got ", meta.scalar_type(), " ",
+              meta.sizes());
+  TORCH_CHECK(!bias || (bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == n), op,
+              ": bias must be a float tensor of shape [N] = [", n, "]");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  at::Tensor x2 = x.reshape({-1, K});
+  // The kernel reads 16-byte pieces of each row: unit stride along K and aligned rows.
+  if (x2.stride(1) != 1 || (x2.size(0) > 1 && (x2.stride(0) * 2) % 16 != 0) ||
+      reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) {
+    x2 = aligned16(x2);
+  }
+  const at::Tensor c = aligned16(codes), mt = aligned16(meta);
+  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t x_stride = x2.size(0) == 1 ? K : x2.stride(0);
+  const cudaError_t err = infopt_int4_tiled_gemv_cuda(
+      x2.const_data_ptr(), x_stride, c.const_data_ptr<uint8_t>(), mt.const_data_ptr<uint8_t>(),
+      b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), x2.size(0), n, K,
+      group_size, to_infopt_dtype(x.scalar_type()), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infopt, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("int4_weight_only_linear", &int4_weight_only_linear_cuda);
+  m.impl("int4_tiled_linear", &int4_tiled_linear_cuda);
 }
 
 }  // namespace infopt

@@ -8,7 +8,8 @@
 
 Quantized linears: ``int8_weight_only_linear``, ``int4_weight_only_linear``,
 ``int8_dynamic_linear`` (W8A8), ``int4_dynamic_linear`` (int4 weights x per-block int8
-activations; semantics: :mod:`infopt.ops.quant_ref`).
+activations; semantics: :mod:`infopt.ops.quant_ref`), and ``int4_tiled_linear`` (int4 weights
+repacked by ``int4_tile`` into the layout of the CUDA tensor-core kernel).
 
 Backends: ``reference`` (pure torch), ``cpp`` (CPU extension, built lazily on first use),
 ``triton`` (CUDA natively; CPU only under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA extension).
@@ -17,6 +18,7 @@ Importing this package builds nothing and imports no triton. See ``docs/ops.md``
 
 from __future__ import annotations
 
+from .int4_tiled import int4_tile, int4_tiled_linear, int4_untile
 from .paged_attention import (
     paged_attention_decode,
     paged_attention_decode_reference,
@@ -49,6 +51,9 @@ __all__ = [
     "format_backend_report",
     "get_backend",
     "int4_dynamic_linear",
+    "int4_tile",
+    "int4_tiled_linear",
+    "int4_untile",
     "int4_weight_only_linear",
     "int8_dynamic_linear",
     "int8_weight_only_linear",

@@ -51,6 +51,14 @@ def _int4_weight_only_linear_fake(x, qweight, scale, zero, group_size, bias):
     return _quant_linear_fake(x, qweight.shape[0], bias)
 
 
+def _int4_tiled_linear_fake(x, codes, meta, n, group_size, bias):
+    torch._check(
+        codes.dim() == 3 and codes.shape[1] * 128 == x.shape[-1],
+        lambda: f"codes must be [ceil(N/16), K/128, 1024] for K={x.shape[-1]}, got {codes.shape}",
+    )
+    return _quant_linear_fake(x, n, bias)
+
+
 def _paged_attention_fake(
     q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
 ):
@@ -79,5 +87,6 @@ def register_fakes() -> None:
         )
         # w8a8 has the int8 weight-only signature and output.
         torch.library.register_fake("infopt::int8_dynamic_linear")(_int8_weight_only_linear_fake)
+        torch.library.register_fake("infopt::int4_tiled_linear")(_int4_tiled_linear_fake)
         torch.library.register_fake("infopt::paged_attention")(_paged_attention_fake)
         _registered = True

@@ -9,8 +9,10 @@ exact int32 for w8a8). Backends:
   MKL for prefill.
 * ``triton``: kernels in ``triton_kernels/quant_linear.py`` (launchers here); CUDA natively, CPU
   only under ``TRITON_INTERPRET=1``.
-* ``cuda`` (int4 only): ``csrc/cuda/int4_gemv.cu``, a warp-per-row GEMV with 128-bit weight
-  loads, any M (tiles of up to 8 rows).
+* ``cuda`` (int4 only): ``csrc/cuda/int4_gemv.cu``, tensor cores (mma.sync) for bf16/fp16 x
+  on sm_80+ when K % 128 == 0 and group_size = 128 * 2**j, else a warp-per-row SIMT GEMV with
+  128-bit weight loads; any M. The faster CUDA path reads a tiled copy of the weights:
+  :mod:`infopt.ops.int4_tiled` (``int4_tile`` / ``int4_tiled_linear``).
 
 Kernels take ``x`` in float32/bfloat16/float16 with any strides (a non-unit-stride K dim is
 copied) and return a contiguous tensor. They are inference-only: when a gradient is needed,

@@ -3,8 +3,9 @@
 The int8 / int4 / w8a8 modules run the registered ops (``infopt.ops.<op>``: backend chosen by
 ``infopt.ops.use_backend`` / AUTO, i.e. the C++ kernels on CPU; ``infopt.ops.quant_ref`` is
 their reference backend) through :func:`validate` once and :func:`run_validated` per call.
-fp8 has no registered op yet: :func:`linear_fp8` uses ``torch._scaled_mm`` natively or the
-fp32 emulation.
+On CUDA, weight-only int4 calls that fit run ``int4_tiled_linear`` on a tiled copy of the
+weights (:func:`int4_tiled_ready`, :func:`int4_tile`). fp8 has no registered op yet:
+:func:`linear_fp8` uses ``torch._scaled_mm`` natively or the fp32 emulation.
 Shapes: ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; see ``quant_ref`` for the
 weight layouts.
 """
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import int4_tiled as _tiled
 from ..ops import quant_linear as _quant_ops
 from ..ops import quant_ref as _ref
 
 __all__ = [
     "fp8_native_available",
     "fp8_native_ok",
+    "int4_tile",
+    "int4_tiled_ready",
     "linear_fp8",
     "run_validated",
     "validate",
@@ -27,13 +31,33 @@ __all__ = [
 
 def validate(op: str, args: tuple) -> None:
     """Check ``args`` for ``infopt.ops.<op>`` exactly as the public op does (raises)."""
-    _quant_ops.validate(op, args)
+    if op == "int4_tiled_linear":
+        _tiled.validate(*args)
+    else:
+        _quant_ops.validate(op, args)
 
 
 def run_validated(op: str, args: tuple) -> torch.Tensor:
     """``infopt.ops.<op>(*args)`` for arguments that passed :func:`validate` (same backend
     selection, fallback warnings and run counts; no second check)."""
+    if op == "int4_tiled_linear":
+        return _tiled.run_validated(args)
     return _quant_ops.run_validated(op, args)
+
+
+def int4_tiled_ready(x: torch.Tensor, k: int, group_size: int) -> bool:
+    """Whether a weight-only int4 call with activation ``x`` should run the tiled CUDA kernel
+    (``infopt.ops.int4_tiled_linear``): CUDA bf16/fp16 ``x`` on sm_80+, ``K % 128 == 0`` and
+    ``K >= 2048`` (below, the row-major kernel is as fast), ``group_size = 128 * 2**j``,
+    backend ``auto`` / ``cuda`` and the CUDA extension built."""
+    return _tiled.tiled_cuda_ready(x, k, group_size)
+
+
+def int4_tile(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled copy (``codes``, ``meta``) of row-major int4 weights (``ops.int4_tile``)."""
+    return _tiled.int4_tile(qweight, scale, zero, group_size)
 
 
 def fp8_native_available(device: torch.device | str) -> bool:

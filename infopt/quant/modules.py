@@ -176,6 +176,11 @@ class Int4Linear(QuantizedLinear):
     :func:`~infopt.quant.formats.pack_int4`), ``scale`` fp32 ``[N, G]``, ``zero`` uint8 ``[N, G]``
     with ``G = ceil(K / group_size)``.
 
+    On CUDA, weight-only calls with bf16 / fp16 ``x``, ``K % 128 == 0``, ``K >= 2048`` and
+    ``group_size = 128 * 2**j`` run ``ops.int4_tiled_linear`` (tensor cores) on a tiled copy of
+    the weights built on first use (see :meth:`_tiled_weights`); everything else runs the ops
+    below.
+
     ``act_dtype``: ``None`` (weight-only: ``x`` is used as is, ``ops.int4_weight_only_linear``)
     or ``"int8"`` (``x`` is rounded to int8 per block of 32 along K on the fly,
     ``ops.int4_dynamic_linear``: on CPUs with AVX-512 VNNI the decode GEMV then runs on int8
@@ -240,15 +245,45 @@ class Int4Linear(QuantizedLinear):
         return {**super().spec(), "group_size": self.group_size, "act_dtype": self.act_dtype}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = "int4_weight_only_linear" if self._act_dtype is None else "int4_dynamic_linear"
         b = self._buffers
+        if self._act_dtype is None and kernels.int4_tiled_ready(
+            x, self.in_features, self.group_size
+        ):
+            codes, meta = self._tiled_weights()
+            return self._linear(
+                "int4_tiled_linear", self._prescale(x), codes, meta, self.out_features,
+                self.group_size, b["bias"],
+            )  # fmt: skip
+        op = "int4_weight_only_linear" if self._act_dtype is None else "int4_dynamic_linear"
         return self._linear(
             op, self._prescale(x), b["qweight"], b["scale"], b["zero"], self.group_size, b["bias"]
         )
 
+    def _tiled_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CUDA kernel's tiled copy of the weights (``ops.int4_tile``), built on first use
+        and rebuilt when a buffer is replaced, moved or written in place (in-place writes are
+        seen through the version counter, which inference tensors lack). It is not part of the
+        state dict, and it costs as much memory again as ``qweight`` + ``scale`` + ``zero``."""
+        b = self._buffers
+        key = tuple((t.data_ptr(), _version(t)) for t in (b["qweight"], b["scale"], b["zero"]))
+        cached = self.__dict__.get("_tiled")
+        if cached is None or cached[0] != key:
+            codes, meta = kernels.int4_tile(b["qweight"], b["scale"], b["zero"], self.group_size)
+            cached = self._tiled = (key, codes, meta)
+        return cached[1], cached[2]
+
     def _format_repr(self) -> str:
         acts = "" if self._act_dtype is None else ", int8 activations per 32-block"
         return f"int4 asymmetric g{self.group_size} (packed uint8 [N, ceil(K/2)]){acts}"
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t._version``; -1 for inference tensors, which keep no version counter (an in-place
+    write to one under ``torch.inference_mode()`` is then not seen: replace the buffer)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 class FP8Linear(QuantizedLinear):
