@@ -189,7 +189,9 @@ __global__ void __launch_bounds__(kWarps* kWarp)
 // better than deeper unrolling, and each warp's math after its data lands is shorter); with
 // fewer steps 4 warps x 4 steps wins; M > 8 with N >= 4096 prefers 8 warps x 1 step.
 
+using infopt_cuda::aligned16;
 using infopt_cuda::and_or;
+using infopt_cuda::mma_capable;
 using infopt_cuda::MmaT;
 using infopt_cuda::prmt;
 using infopt_cuda::word;
@@ -342,21 +344,6 @@ cudaError_t launch_mma(const void* xv, int64_t xs, const uint8_t* w, const float
       static_cast<const T*>(xv), xs, w, s, z, b, static_cast<T*>(yv), M, N, K, G, gshift);
   return cudaGetLastError();
 }
-
-// Whether the current device can run the mma path (sm_80+); cached per device.
-bool mma_capable() {
-  static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cached[dev] = major >= 8 ? 1 : 2;
-  }
-  return cached[dev] == 1;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int MT>
 cudaError_t launch_mt(const void* xv, int64_t xs, const uint8_t* w, const float* s,

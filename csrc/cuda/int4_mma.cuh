@@ -1,10 +1,12 @@
 // Tensor-core building blocks shared by the int4 GEMV kernels (int4_gemv.cu, int4_tiled.cu):
 // the m16n8k16 mma for fp16 / bf16 with fp32 accumulators, the exact "magic + code" dequant
-// constants, and small PTX helpers. sm_80+ instructions: callers guard on the arch.
+// constants, small PTX helpers, and the host checks the launchers share. sm_80+ instructions:
+// callers guard on the arch.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -64,5 +66,20 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;  // j is a compile-time constant
 }
+
+// Host side: whether the current device can run mma.sync bf16/fp16 (sm_80+), cached per device.
+inline bool mma_capable() {
+  static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cached[dev] = major >= 8 ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace infopt_cuda

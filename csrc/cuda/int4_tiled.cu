@@ -34,8 +34,10 @@
 
 namespace {
 
+using infopt_cuda::aligned16;
 using infopt_cuda::and_or;
 using infopt_cuda::Cvt;
+using infopt_cuda::mma_capable;
 using infopt_cuda::MmaT;
 using infopt_cuda::word;
 
@@ -178,20 +180,6 @@ cudaError_t dispatch(const void* x, int64_t xs, const uint8_t* codes, const uint
   return launch<T, 2, 8>(x, xs, codes, meta, bias, y, M, N, steps, G, gshift, stream);
 }
 
-bool sm80_or_newer() {
-  static int cached[64] = {0};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cached[dev] = major >= 8 ? 1 : 2;
-  }
-  return cached[dev] == 1;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 extern "C" cudaError_t infopt_int4_tiled_gemv_cuda(const void* x, int64_t x_row_stride,
@@ -209,7 +197,7 @@ extern "C" cudaError_t infopt_int4_tiled_gemv_cuda(const void* x, int64_t x_row_
     return cudaErrorInvalidValue;
   }
   if (M == 0 || N == 0) return cudaSuccess;
-  if (!sm80_or_newer()) return cudaErrorNotSupported;
+  if (!mma_capable()) return cudaErrorNotSupported;
   const int steps = static_cast<int>(K / 128);
   const int G = static_cast<int>((K + group_size - 1) / group_size);  // ragged last group
   if (x_dtype == INFOPT_FLOAT16)

@@ -199,12 +199,6 @@ register_op(
 )
 
 
-def run_validated(args: tuple, backend: Backend | str | None = None) -> torch.Tensor:
-    """Run on arguments that passed :func:`validate` (backend selection and reporting)."""
-    _, fn = select_backend("int4_tiled_linear", args[0].device, args, backend)
-    return fn(*args)
-
-
 def int4_tiled_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -228,7 +222,8 @@ def int4_tiled_linear(
     """
     args = (x, codes, meta, n, group_size, bias)
     validate(*args)
-    return run_validated(args, backend)
+    _, fn = select_backend("int4_tiled_linear", x.device, args, backend)
+    return fn(*args)
 
 
 # Below this K the row-major kernel (int4_gemv.cu, 4 warps x 4 steps) is as fast or faster

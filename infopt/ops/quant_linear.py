@@ -27,6 +27,7 @@ import torch
 
 from . import extensions, quant_ref
 from ._triton import is_interpreted, triton_status
+from .int4_tiled import validate as _validate_int4_tiled
 from .registry import Backend, BackendImpl, register_op, select_backend
 
 __all__ = [
@@ -143,6 +144,8 @@ _VALIDATORS = {
     "int4_weight_only_linear": _validate_int4,
     "int4_dynamic_linear": _validate_int4,
     "int8_dynamic_linear": _validate_w8a8,
+    # the tiled-layout op (int4_tiled.py): Int4Linear runs it through validate / run_validated
+    "int4_tiled_linear": _validate_int4_tiled,
 }
 
 

@@ -31,17 +31,12 @@ __all__ = [
 
 def validate(op: str, args: tuple) -> None:
     """Check ``args`` for ``infopt.ops.<op>`` exactly as the public op does (raises)."""
-    if op == "int4_tiled_linear":
-        _tiled.validate(*args)
-    else:
-        _quant_ops.validate(op, args)
+    _quant_ops.validate(op, args)
 
 
 def run_validated(op: str, args: tuple) -> torch.Tensor:
     """``infopt.ops.<op>(*args)`` for arguments that passed :func:`validate` (same backend
     selection, fallback warnings and run counts; no second check)."""
-    if op == "int4_tiled_linear":
-        return _tiled.run_validated(args)
     return _quant_ops.run_validated(op, args)
 
 
