@@ -5,6 +5,8 @@
     python examples/bench_quant_kernels_gpu.py       # M = 1 4 16 on the shapes below
     python examples/bench_quant_kernels_gpu.py --m 1 --shapes 4096x4096 --rounds 20
     python examples/bench_quant_kernels_gpu.py --kernels cuda     # only names containing "cuda"
+    python examples/bench_quant_kernels_gpu.py --kernels gemv --m 1 4 --gemv-sweep
+                                                     # int4 triton decode kernel: tile configs
 
 Prints microseconds per call, effective weight GB/s and the speed-up over bf16 ``F.linear``
 for each (K x N, M). Every kernel is first checked against the fp32 reference (SQNR). Each
@@ -18,6 +20,8 @@ eager timing measures the host; ``--eager`` shows that), median over ``--rounds`
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import statistics
 
 import torch
@@ -74,6 +78,19 @@ def _time(fn, arg_sets, calls: int, rounds: int, graph: bool) -> float:
     return statistics.median(per_call)
 
 
+def _gemv_config(chunks: int, warps: int, s4, z4, x, w):
+    """The int4 triton op with the decode kernel's launch constants overridden (read when the
+    call is captured, so each CUDA graph holds its own configuration)."""
+    from infopt.ops import quant_linear as ql
+
+    saved = ql._GEMV_MAX_CHUNKS, ql._GEMV_WARPS
+    ql._GEMV_MAX_CHUNKS, ql._GEMV_WARPS = chunks, warps
+    try:
+        return ops.int4_weight_only_linear(x, w, s4, z4, GROUP, backend="triton")
+    finally:
+        ql._GEMV_MAX_CHUNKS, ql._GEMV_WARPS = saved
+
+
 def bench(k: int, n: int, ms: list[int], args) -> None:
     dev = torch.device("cuda")
     g = -(-k // GROUP)
@@ -120,6 +137,12 @@ def bench(k: int, n: int, ms: list[int], args) -> None:
             n * k + 4 * n,
         ),
     }
+    if args.gemv_sweep:  # the int4 Triton decode kernel's K-step size and warps per program
+        for chunks, warps in itertools.product((32, 64, 128, 256), (1, 2, 4)):
+            cands[f"int4 triton gemv c{chunks} w{warps}"] = (
+                functools.partial(_gemv_config, chunks, warps, s4, z4),
+                *cands["int4 triton"][1:],
+            )
     for m in ms:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         res = {}
@@ -148,10 +171,22 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--rotate-mib", type=int, default=512)
-    p.add_argument("--kernels", nargs="+", default=[""],
-                   help="run only kernels whose name contains one of these (default: all)")
-    p.add_argument("--eager", action="store_true",
-                   help="time eager calls (host overhead included) instead of CUDA-graph replay")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=[""],
+        help="run only kernels whose name contains one of these (default: all)",
+    )
+    p.add_argument(
+        "--gemv-sweep",
+        action="store_true",
+        help="add int4 triton decode-kernel rows for CHUNKS x num_warps configurations",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="time eager calls (host overhead included) instead of CUDA-graph replay",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")

@@ -187,6 +187,64 @@ def test_cpp_prefill_path_under_inference_mode():
         torch.set_num_threads(old_threads)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_triton_int4_gemv_path(dtype, monkeypatch):
+    """The int4 Triton decode kernel (M <= 4, x read as element pairs): odd K (x padded),
+    misaligned x and odd row strides (x copied), K spanning unmasked main-loop steps plus a
+    masked tail, group sizes down to one chunk; the kernel must be the one that ran, and group
+    sizes it can't take (g6: not a multiple of the 8-code chunk) must use the tile kernel."""
+    from infopt.ops import quant_linear as ql
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _require("int4_weight_only_linear", device, "triton")
+    calls = []
+    real = ql._int4_gemv_triton
+    monkeypatch.setattr(ql, "_int4_gemv_triton", lambda *a: calls.append(1) or real(*a))
+    op = "int4_weight_only_linear"
+    cases = ((1, 7, 5, 32), (2, 577, 3, 64), (4, 2048 + 130, 3, 128), (3, 1030, 2, 8),
+             (1, 1024, 4, 1024), (2, 100, 3, 6))  # fmt: skip
+    for i, (m, k, n, gs) in enumerate(cases):
+        args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, gs=gs, seed=i)
+        wide = torch.randn(m, k + 3, device=device).to(dtype)
+        xs = {
+            "contiguous": args[0],
+            "misaligned": wide[:, 1 : k + 1],
+            "row stride k+3": wide[:, :k],
+        }
+        for name, x in xs.items():
+            x.copy_(args[0])
+            before = len(calls)
+            check(
+                op, [x, *args[1:]], call(op, [x, *args[1:]], "triton"), f"{m}x{k}x{n} g{gs} {name}"
+            )
+            assert len(calls) - before == (0 if gs == 6 else 1), (gs, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_triton_int8_gemv_path(dtype, monkeypatch):
+    """The int8 weight-only Triton decode kernel (M <= 4): odd K, misaligned x and odd row
+    strides (read in place: Triton drops the vector width), K spanning unmasked main-loop steps
+    plus a masked tail; the kernel must be the one that ran, and M = 5 must not use it."""
+    from infopt.ops import quant_linear as ql
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _require("int8_weight_only_linear", device, "triton")
+    calls = []
+    real = ql._int8_gemv_triton
+    monkeypatch.setattr(ql, "_int8_gemv_triton", lambda *a: calls.append(1) or real(*a))
+    op = "int8_weight_only_linear"
+    for i, (m, k, n) in enumerate(((1, 7, 5), (2, 577, 3), (4, 1024 + 130, 3), (5, 64, 2))):
+        args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, seed=i)
+        wide = torch.randn(m, k + 3, device=device).to(dtype)
+        xs = {"contiguous": args[0], "misaligned": wide[:, 1 : k + 1], "stride k+3": wide[:, :k]}
+        for name, x in xs.items():
+            x.copy_(args[0])
+            before = len(calls)
+            got = call(op, [x, *args[1:]], "triton")
+            check(op, [x, *args[1:]], got, f"{m}x{k}x{n} {name}")
+            assert len(calls) - before == (1 if m <= 4 else 0), (m, name)
+
+
 @pytest.mark.parametrize("op", ("int4_weight_only_linear", "int4_dynamic_linear"))
 @pytest.mark.parametrize("gs", (2, 6, 16, 48, 256, 384))
 def test_int4_other_group_sizes(gs, op):

@@ -154,9 +154,7 @@ def validate(op: str, args: tuple) -> None:
     _VALIDATORS[op](*args)
 
 
-def run_validated(
-    op: str, args: tuple, backend: Backend | str | None = None
-) -> torch.Tensor:
+def run_validated(op: str, args: tuple, backend: Backend | str | None = None) -> torch.Tensor:
     """Run ``op`` on ``args`` that already passed :func:`validate`: backend selection,
     fallback warnings and run counts of the public functions (which are validate + this).
 
@@ -264,6 +262,29 @@ def _bias_arg(bias: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Ten
     return (dummy, False) if bias is None else (bias.float().contiguous(), True)
 
 
+# int4 / int8 weight-only Triton GEMV (decode): rows of x per call it serves (above, the tile
+# kernels' tl.dot / broadcast paths), chunks per K step (CHUNKS * SUB weight bytes requested per
+# program and step; see int4_gemv_kernel) and warps per program.
+_GEMV_MAX_M = 4
+_GEMV_MAX_CHUNKS = 128
+_GEMV_WARPS = 1
+
+
+def _int8_gemv_triton(kern, x2, y, qweight, scale, bias):
+    import triton
+
+    n, k = qweight.shape
+    m = x2.shape[0]
+    chunks = max(32 * _GEMV_WARPS, min(_GEMV_MAX_CHUNKS, triton.next_power_of_2(triton.cdiv(k, 4))))
+    s = scale.float().contiguous()
+    b, has_bias = _bias_arg(bias, s)
+    with _device_guard(x2):
+        kern[(n, m)](
+            x2, qweight.contiguous(), s, b, y, k, x2.stride(0), y.stride(0),
+            HAS_BIAS=has_bias, CHUNKS=chunks, SUB=4, num_warps=_GEMV_WARPS,
+        )  # fmt: skip
+
+
 def _int8_triton(x, qweight, scale, bias=None):
     import triton
 
@@ -271,6 +292,9 @@ def _int8_triton(x, qweight, scale, bias=None):
     n, k = qweight.shape
     x2, y = _prep(x, n, kern)
     m = x2.shape[0]
+    if 0 < m <= _GEMV_MAX_M and n and k:
+        _int8_gemv_triton(_kernels().int8_gemv_kernel, x2, y, qweight, scale, bias)
+        return _finish(y, x)
     if m and n:
         s = scale.float().contiguous()
         b, has_bias = _bias_arg(bias, s)
@@ -285,6 +309,43 @@ def _int8_triton(x, qweight, scale, bias=None):
     return _finish(y, x)
 
 
+def _gemv_pairs(x2: torch.Tensor) -> torch.Tensor:
+    """x ``[M, K]`` as the GEMV kernel reads it: rows of element pairs, so K even (a zero column
+    appended when odd) and every row start aligned to a pair (4 bytes for 16-bit x, 8 for fp32);
+    copied only when needed."""
+    m, k = x2.shape
+    pair = 2 * x2.element_size()
+    aligned = x2.data_ptr() % pair == 0 and (
+        m <= 1 or (x2.stride(0) * x2.element_size()) % pair == 0
+    )
+    if k % 2 == 0 and aligned:
+        return x2
+    out = torch.zeros(m, k + k % 2, device=x2.device, dtype=x2.dtype)
+    out[:, :k] = x2
+    return out
+
+
+def _int4_gemv_triton(kern, x2, y, qweight, scale, zero, group_size, bias):
+    import triton
+
+    n, kb = qweight.shape
+    m, k = x2.shape
+    xp = _gemv_pairs(x2)
+    sub = 4 if x2.dtype != torch.float32 else 2  # SUB x pairs = 16 bytes of x per thread
+    # At least one chunk per thread (32 * warps), at most the configured K step.
+    chunks = max(
+        32 * _GEMV_WARPS, min(_GEMV_MAX_CHUNKS, triton.next_power_of_2(triton.cdiv(kb, sub)))
+    )
+    s = scale.float().contiguous()
+    b, has_bias = _bias_arg(bias, s)
+    with _device_guard(x2):
+        kern[(n, m)](
+            xp, qweight.contiguous(), s, zero.contiguous(), b, y,
+            k, kb, scale.shape[1], xp.stride(0), y.stride(0),
+            GS=group_size, HAS_BIAS=has_bias, CHUNKS=chunks, SUB=sub, num_warps=_GEMV_WARPS,
+        )  # fmt: skip
+
+
 def _int4_triton(x, qweight, scale, zero, group_size, bias=None):
     import triton
 
@@ -293,6 +354,12 @@ def _int4_triton(x, qweight, scale, zero, group_size, bias=None):
     k = x.shape[-1]
     x2, y = _prep(x, n, kern)
     m = x2.shape[0]
+    sub = 4 if x.dtype != torch.float32 else 2
+    if 0 < m <= _GEMV_MAX_M and n and k and group_size % (2 * sub) == 0:
+        _int4_gemv_triton(
+            _kernels().int4_gemv_kernel, x2, y, qweight, scale, zero, group_size, bias
+        )
+        return _finish(y, x)
     if m and n:
         s = scale.float().contiguous()
         b, has_bias = _bias_arg(bias, s)

@@ -12,6 +12,9 @@ Two variants per kernel (``USE_DOT``): a broadcast-multiply-reduce for decode (M
 ``x`` loses nothing to rounding the dequantized weights. ``IEEE`` dots (fp32 operands, no TF32)
 serve fp32 ``x``, and every dtype under the interpreter, whose bf16/fp16 ``tl.dot`` is wrong
 (results off by orders of magnitude with triton 3.9); bf16 and int8 codes are exact in fp32.
+
+``int4_gemv_kernel`` / ``int8_gemv_kernel`` are the weight-only decode paths (M <= 4): see
+their docstrings.
 """
 
 import triton
@@ -96,6 +99,144 @@ def int4_wo_kernel(
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Bits 0x4B000000 | v read as fp32 are 2**23 + v exactly (0 <= v < 2**23): an int -> float
+# conversion in one LOP3 instead of an I2F, whose throughput is a fraction of the FP32 pipe's.
+_MAGIC_BITS = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def _int4_gemv_step(acc, w_row, xp, z_row, s_row, k0, KB, G,
+                    GS: tl.constexpr, X16: tl.constexpr, BF16: tl.constexpr,
+                    CHUNKS: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One K step of ``int4_gemv_kernel``: acc ``[CHUNKS]`` += each chunk's partial dot x its
+    group's scale. ``MASKED`` only for the last, partial step (the main loop runs unmasked)."""
+    rc = tl.arange(0, CHUNKS)
+    bi = k0 // 2 + rc[:, None] * SUB + tl.arange(0, SUB)[None, :]  # [C, SUB] byte = x pair index
+    g = (k0 + rc * (2 * SUB)) // GS  # [C]: a chunk (2 * SUB codes) never straddles two groups
+    if MASKED:
+        byte = tl.load(w_row + bi, mask=bi < KB, other=0)
+        xw = tl.load(xp + bi, mask=bi < KB, other=0)
+        z = tl.load(z_row + g, mask=g < G, other=0)
+        sc = tl.load(s_row + g, mask=g < G, other=0.0)
+    else:
+        byte = tl.load(w_row + bi)
+        xw = tl.load(xp + bi)
+        z = tl.load(z_row + g)
+        sc = tl.load(s_row + g)
+    # xw holds the pair (x[2j], x[2j+1]) that byte j's (low, high) nibbles multiply.
+    if X16:
+        if BF16:  # bf16 -> fp32 is a 16-bit shift
+            xe = (xw << 16).to(tl.float32, bitcast=True)
+            xo = (xw & -65536).to(tl.float32, bitcast=True)
+        else:
+            xe = xw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xo = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        xe = xw.to(tl.int32).to(tl.float32, bitcast=True)
+        xo = (xw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    # (2**23 + code) - (2**23 + zero) is the exact small integer code - zero.
+    zp = (z.to(tl.int32) | _MAGIC_BITS).to(tl.float32, bitcast=True)[:, None]
+    b32 = byte.to(tl.int32)
+    lo = ((b32 & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - zp
+    hi = ((b32 >> 4) | _MAGIC_BITS).to(tl.float32, bitcast=True) - zp
+    return acc + tl.sum(lo * xe + hi * xo, axis=1) * sc
+
+
+@triton.jit
+def int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,  # x [M, 2 * KB] (even, padded), w uint8 [N, KB]
+    K, KB, G, stride_xm, stride_ym,
+    GS: tl.constexpr, HAS_BIAS: tl.constexpr, CHUNKS: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """int4 weight-only GEMV for decode: program (n, m) computes ``y[m, n]``.
+
+    Built for the GPU's weight stream, not the interpreter (checked as sm_80/sm_90 SASS with
+    triton 3.6 and 3.9):
+
+    * x is read as element *pairs* (one int32 for bf16/fp16, one int64 for fp32; the launcher
+      pads K to even and aligns the rows), so the ``[CHUNKS, SUB]`` tiles of weight bytes and of
+      x pairs have the same shape and contiguity, hence the same register layout (SUB elements
+      per thread): no shared-memory layout conversion in the loop, and the SUB-long reduction is
+      in-thread. The nibbles need no interleave: the low one multiplies the pair's first
+      element, the high one its second. (A multi-row ``[BN, CHUNKS, SUB]`` weight tile got a
+      different thread order than x's tile from triton 3.6, and a conversion per step.)
+    * one cross-thread reduction, after the loop (acc ``[CHUNKS]``);
+    * code and zero become floats with the 2**23 bit trick, no I2F;
+    * the main loop runs without masks; only the last partial K step is masked.
+    * Each K step requests CHUNKS * SUB bytes per program (512 B at the launcher's 128 x 4), and
+      with one program per (row, x row) ~N * 512 / 132 bytes are in flight per H100 SM (16 KB
+      at N = 4096), the quantity that decides a GEMV's bandwidth.
+    """
+    n, m = tl.program_id(0), tl.program_id(1)
+    X16: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    if X16:
+        xp = (x_ptr + m.to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int32))
+    else:
+        xp = (x_ptr + m.to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64))
+    w_row = w_ptr + n.to(tl.int64) * KB
+    z_row = z_ptr + n.to(tl.int64) * G
+    s_row = s_ptr + n.to(tl.int64) * G
+    BK: tl.constexpr = CHUNKS * SUB * 2
+    acc = tl.zeros((CHUNKS,), dtype=tl.float32)
+    k_main = (K // BK) * BK
+    for k0 in range(0, k_main, BK):
+        acc = _int4_gemv_step(acc, w_row, xp, z_row, s_row, k0, KB, G,
+                              GS, X16, BF16, CHUNKS, SUB, False)  # fmt: skip
+    if k_main < K:
+        acc = _int4_gemv_step(acc, w_row, xp, z_row, s_row, k_main, KB, G,
+                              GS, X16, BF16, CHUNKS, SUB, True)  # fmt: skip
+    y = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, y.to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _int8_gemv_step(acc, w_row, x_row, k0, K,
+                    CHUNKS: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One K step of ``int8_gemv_kernel``: acc ``[CHUNKS, SUB]`` += w * x elementwise."""
+    k = k0 + tl.arange(0, CHUNKS)[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    if MASKED:
+        w = tl.load(w_row + k, mask=k < K, other=0)
+        xv = tl.load(x_row + k, mask=k < K, other=0.0)
+    else:
+        w = tl.load(w_row + k)
+        xv = tl.load(x_row + k)
+    # 2**23 + (w + 128) via the bit trick, minus 2**23 + 128: the exact code as fp32, no I2F.
+    wf = ((w.to(tl.int32) + 128) | _MAGIC_BITS).to(tl.float32, bitcast=True) - 8388736.0
+    return acc + wf * xv.to(tl.float32)
+
+
+@triton.jit
+def int8_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,  # x [M, K], w int8 [N, K], s fp32 [N], y [M, N]
+    K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, CHUNKS: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """int8 weight-only GEMV for decode: program (n, m) computes ``y[m, n]``.
+
+    Same design as ``int4_gemv_kernel`` (SASS-checked, not yet timed on a GPU): the weight and x
+    tiles are both ``[CHUNKS, SUB]`` with the same contiguity, hence one register layout and no
+    conversion in the loop; fp32 accumulation elementwise, one reduction after the loop; the
+    per-channel scale multiplies the final sum; unmasked main loop, masked last step.
+    """
+    n, m = tl.program_id(0), tl.program_id(1)
+    w_row = w_ptr + n.to(tl.int64) * K
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    BK: tl.constexpr = CHUNKS * SUB
+    acc = tl.zeros((CHUNKS, SUB), dtype=tl.float32)
+    k_main = (K // BK) * BK
+    for k0 in range(0, k_main, BK):
+        acc = _int8_gemv_step(acc, w_row, x_row, k0, K, CHUNKS, SUB, False)
+    if k_main < K:
+        acc = _int8_gemv_step(acc, w_row, x_row, k_main, K, CHUNKS, SUB, True)
+    y = tl.sum(tl.sum(acc, axis=1), axis=0) * tl.load(s_ptr + n)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, y.to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
