@@ -220,29 +220,69 @@ def test_triton_int4_gemv_path(dtype, monkeypatch):
             assert len(calls) - before == (0 if gs == 6 else 1), (gs, name)
 
 
+class _CountingKernel:
+    """Wraps a ``@triton.jit`` kernel and counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_triton_int8_gemv_path(dtype, monkeypatch):
-    """The int8 weight-only Triton decode kernel (M <= 4): odd K, misaligned x and odd row
-    strides (read in place: Triton drops the vector width), K spanning unmasked main-loop steps
-    plus a masked tail; the kernel must be the one that ran, and M = 5 must not use it."""
-    from infopt.ops import quant_linear as ql
+@pytest.mark.parametrize(
+    "op,kernel",
+    (("int8_weight_only_linear", "int8_gemv_kernel"),
+     ("int8_dynamic_linear", "int8_dyn_gemv_kernel")),
+)  # fmt: skip
+def test_triton_int8_gemv_path(op, kernel, dtype, monkeypatch):
+    """The int8 / w8a8 Triton decode kernels (M <= 4): odd K, misaligned x and odd row strides
+    (read in place: Triton drops the vector width), K spanning unmasked main-loop steps plus a
+    masked tail; the kernel must be the one that ran, and M = 5 must not use it."""
+    from infopt.ops.triton_kernels import quant_linear as tk
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _require("int8_weight_only_linear", device, "triton")
-    calls = []
-    real = ql._int8_gemv_triton
-    monkeypatch.setattr(ql, "_int8_gemv_triton", lambda *a: calls.append(1) or real(*a))
-    op = "int8_weight_only_linear"
+    _require(op, device, "triton")
+    counter = _CountingKernel(getattr(tk, kernel))
+    monkeypatch.setattr(tk, kernel, counter)
     for i, (m, k, n) in enumerate(((1, 7, 5), (2, 577, 3), (4, 1024 + 130, 3), (5, 64, 2))):
         args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, seed=i)
         wide = torch.randn(m, k + 3, device=device).to(dtype)
         xs = {"contiguous": args[0], "misaligned": wide[:, 1 : k + 1], "stride k+3": wide[:, :k]}
         for name, x in xs.items():
             x.copy_(args[0])
-            before = len(calls)
+            before = counter.launches
             got = call(op, [x, *args[1:]], "triton")
             check(op, [x, *args[1:]], got, f"{m}x{k}x{n} {name}")
-            assert len(calls) - before == (1 if m <= 4 else 0), (m, name)
+            assert counter.launches - before == (1 if m <= 4 else 0), (m, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_triton_int4_dot_path(dtype, monkeypatch):
+    """The int4 Triton tensor-core kernel (M > 4, nibble planes against x's even / odd
+    columns): ragged M, N and K, misaligned and strided x; it must be the kernel that ran, and
+    a group size that is not a multiple of 32 (g48) must use the tile kernel."""
+    from infopt.ops.triton_kernels import quant_linear as tk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _require("int4_weight_only_linear", device, "triton")
+    counter = _CountingKernel(tk.int4_dot_kernel)
+    monkeypatch.setattr(tk, "int4_dot_kernel", counter)
+    op = "int4_weight_only_linear"
+    for i, (m, k, n, gs) in enumerate(
+        ((5, 577, 33, 32), (16, 1000, 40, 64), (20, 131, 7, 128), (7, 256, 5, 48))
+    ):
+        args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, gs=gs, seed=i)
+        wide = torch.randn(m, k + 3, device=device).to(dtype)
+        xs = {"contiguous": args[0], "misaligned": wide[:, 1 : k + 1], "stride k+3": wide[:, :k]}
+        for name, x in xs.items():
+            x.copy_(args[0])
+            before = counter.launches
+            got = call(op, [x, *args[1:]], "triton")
+            check(op, [x, *args[1:]], got, f"{m}x{k}x{n} g{gs} {name}")
+            assert counter.launches - before == (0 if gs == 48 else 1), (gs, name)
 
 
 @pytest.mark.parametrize("op", ("int4_weight_only_linear", "int4_dynamic_linear"))

@@ -346,6 +346,26 @@ def _int4_gemv_triton(kern, x2, y, qweight, scale, zero, group_size, bias):
         )  # fmt: skip
 
 
+def _int4_dot_triton(kern, ieee, x2, y, qweight, scale, zero, group_size, bias):
+    import triton
+
+    n, kb = qweight.shape
+    m = x2.shape[0]
+    xp = _gemv_pairs(x2)
+    # K step: 2 * BLOCK_KB codes inside one group, and >= 16 (tl.dot's minimum K).
+    bkb = min(64, (group_size // 2) & -(group_size // 2))
+    bm, bn, stages = (16, 32, 4) if m <= 16 else (64, 64, 3)
+    s = scale.float().contiguous()
+    b, has_bias = _bias_arg(bias, s)
+    with _device_guard(x2):
+        kern[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            xp, qweight.contiguous(), s, zero.contiguous(), b, y,
+            m, n, kb, scale.shape[1], xp.stride(0), y.stride(0),
+            GS=group_size, HAS_BIAS=has_bias, IEEE=ieee,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_KB=bkb, num_warps=4, num_stages=stages,
+        )  # fmt: skip
+
+
 def _int4_triton(x, qweight, scale, zero, group_size, bias=None):
     import triton
 
@@ -359,6 +379,10 @@ def _int4_triton(x, qweight, scale, zero, group_size, bias=None):
         _int4_gemv_triton(
             _kernels().int4_gemv_kernel, x2, y, qweight, scale, zero, group_size, bias
         )
+        return _finish(y, x)
+    if m > _GEMV_MAX_M and n and k and group_size % 32 == 0:
+        dot = _kernels().int4_dot_kernel
+        _int4_dot_triton(dot, _ieee(x, kern), x2, y, qweight, scale, zero, group_size, bias)
         return _finish(y, x)
     if m and n:
         s = scale.float().contiguous()
@@ -391,15 +415,29 @@ def _w8a8_triton(x, qweight, scale, bias=None):
         bm, bn, bk, use_dot = _tiles(m, 128, is_interpreted(mod.int8_dyn_kernel))
         with _device_guard(x):
             if k:
+                # Up to 8192 columns in one K tile (a row is then read once per pass instead of
+                # in a chain of dependent 1024-wide loads, which dominated decode), 8 per thread.
+                block_k = min(triton.next_power_of_2(k), 8192)
                 mod.quantize_rows_int8_kernel[(m,)](
-                    x2, q, xs, k, x2.stride(0), BLOCK_K=min(triton.next_power_of_2(k), 1024)
-                )
+                    x2, q, xs, k, x2.stride(0), BLOCK_K=block_k,
+                    num_warps=max(4, min(32, block_k // 256)),
+                )  # fmt: skip
             else:
                 xs.fill_(1.0)
-            mod.int8_dyn_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-                q, xs, qweight.contiguous(), s, b, y, m, n, k, y.stride(0),
-                HAS_BIAS=has_bias, USE_DOT=use_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            )  # fmt: skip
+            if m <= _GEMV_MAX_M and k:
+                chunks = max(
+                    32 * _GEMV_WARPS,
+                    min(_GEMV_MAX_CHUNKS, triton.next_power_of_2(triton.cdiv(k, 4))),
+                )
+                mod.int8_dyn_gemv_kernel[(n, m)](
+                    q, xs, qweight.contiguous(), s, b, y, k, y.stride(0),
+                    HAS_BIAS=has_bias, CHUNKS=chunks, SUB=4, num_warps=_GEMV_WARPS,
+                )  # fmt: skip
+            else:
+                mod.int8_dyn_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+                    q, xs, qweight.contiguous(), s, b, y, m, n, k, y.stride(0),
+                    HAS_BIAS=has_bias, USE_DOT=use_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                )  # fmt: skip
     return _finish(y, x)
 
 

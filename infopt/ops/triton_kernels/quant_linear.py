@@ -13,8 +13,8 @@ Two variants per kernel (``USE_DOT``): a broadcast-multiply-reduce for decode (M
 serve fp32 ``x``, and every dtype under the interpreter, whose bf16/fp16 ``tl.dot`` is wrong
 (results off by orders of magnitude with triton 3.9); bf16 and int8 codes are exact in fp32.
 
-``int4_gemv_kernel`` / ``int8_gemv_kernel`` are the weight-only decode paths (M <= 4): see
-their docstrings.
+``int4_gemv_kernel``, ``int8_gemv_kernel`` and ``int8_dyn_gemv_kernel`` are the decode paths
+(M <= 4), ``int4_dot_kernel`` the int4 path beyond: see their docstrings.
 """
 
 import triton
@@ -195,6 +195,72 @@ def int4_gemv_kernel(
 
 
 @triton.jit
+def int4_dot_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,  # x [M, 2 * KB] (even, padded), w uint8 [N, KB]
+    M, N, KB, G, stride_xm, stride_ym,
+    GS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+):  # fmt: skip
+    """int4 weight-only matmul on tensor cores for M > 4: a ``BLOCK_M x BLOCK_N`` tile of y per
+    program, ``BLOCK_KB`` weight bytes (2 * BLOCK_KB codes, within one group) per K step.
+
+    A dot product does not care about the order of k, so the packed bytes are never
+    interleaved: the low nibbles ``[BN, BKB]`` dot the even columns of x and the high nibbles
+    the odd ones, x read as element pairs (as in ``int4_gemv_kernel``) and split with shifts.
+    Weights load as contiguous bytes (the tile kernel gathered every byte twice) and the loads
+    feed ``tl.dot``, so Triton pipelines them (``cp.async``, ``num_stages``). ``code - zero`` is
+    an exact small integer in x's dtype; the group scale multiplies the fp32 partial dot.
+    """
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.arange(0, BLOCK_KB)
+    # Rows past M / N re-read the last row (in bounds) and are never stored.
+    rows = tl.minimum(rn, N - 1).to(tl.int64)
+    X16: tl.constexpr = x_ptr.dtype.element_ty != tl.float32
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    if X16:
+        xp = x_ptr.to(tl.pointer_type(tl.int32))
+    else:
+        xp = x_ptr.to(tl.pointer_type(tl.int64))
+    x_rows = xp + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * (stride_xm // 2)
+    w_rows = w_ptr + rows[:, None] * KB
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb0 in range(0, KB, BLOCK_KB):
+        b = kb0 + rb
+        b_ok = (b < KB)[None, :]
+        byte = tl.load(w_rows + b[None, :], mask=b_ok, other=0)  # [BN, BKB]
+        xw = tl.load(x_rows + b[None, :], mask=b_ok, other=0)  # [BM, BKB] element pairs
+        if X16:
+            if BF16:
+                xe = (xw << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+                xo = (xw & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+            else:
+                xe = xw.to(tl.int16).to(tl.float16, bitcast=True)
+                xo = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            xe = xw.to(tl.int32).to(tl.float32, bitcast=True)
+            xo = (xw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        g = (2 * kb0) // GS
+        zp = (tl.load(z_ptr + rows * G + g).to(tl.int32) | _MAGIC_BITS).to(tl.float32, bitcast=True)
+        sc = tl.load(s_ptr + rows * G + g)
+        b32 = byte.to(tl.int32)
+        lo = ((b32 & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - zp[:, None]
+        hi = ((b32 >> 4) | _MAGIC_BITS).to(tl.float32, bitcast=True) - zp[:, None]
+        if IEEE:  # fp32 x (no TF32), and every dtype under the interpreter (module docstring)
+            part = tl.dot(xe.to(tl.float32), tl.trans(lo), input_precision="ieee")
+            part = tl.dot(xo.to(tl.float32), tl.trans(hi), part, input_precision="ieee")
+        else:
+            part = tl.dot(xe, tl.trans(lo.to(xe.dtype)))
+            part = tl.dot(xo, tl.trans(hi.to(xo.dtype)), part)
+        acc += part * sc[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows)[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
 def _int8_gemv_step(acc, w_row, x_row, k0, K,
                     CHUNKS: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One K step of ``int8_gemv_kernel``: acc ``[CHUNKS, SUB]`` += w * x elementwise."""
@@ -234,6 +300,50 @@ def int8_gemv_kernel(
     if k_main < K:
         acc = _int8_gemv_step(acc, w_row, x_row, k_main, K, CHUNKS, SUB, True)
     y = tl.sum(tl.sum(acc, axis=1), axis=0) * tl.load(s_ptr + n)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, y.to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _int8_dyn_gemv_step(acc, w_row, q_row, k0, K,
+                        CHUNKS: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One K step of ``int8_dyn_gemv_kernel``: acc int32 ``[CHUNKS, SUB]`` += q * w."""
+    k = k0 + tl.arange(0, CHUNKS)[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    if MASKED:
+        w = tl.load(w_row + k, mask=k < K, other=0)
+        q = tl.load(q_row + k, mask=k < K, other=0)
+    else:
+        w = tl.load(w_row + k)
+        q = tl.load(q_row + k)
+    return acc + q.to(tl.int32) * w.to(tl.int32)
+
+
+@triton.jit
+def int8_dyn_gemv_kernel(
+    q_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr,  # q int8 [M, K], xs fp32 [M], w int8 [N, K]
+    K, stride_ym,
+    HAS_BIAS: tl.constexpr, CHUNKS: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """w8a8 GEMV for decode: program (n, m) computes ``y[m, n]`` from the quantized row q[m].
+
+    The structure of ``int8_gemv_kernel``: weight and activation codes in ``[CHUNKS, SUB]``
+    tiles with one register layout, exact int32 products accumulated elementwise (K <= 2**17 is
+    validated, so no partial sum overflows), one reduction after the loop, then the reference's
+    epilogue ``(acc * xs[m]) * s[n] + b[n]``.
+    """
+    n, m = tl.program_id(0), tl.program_id(1)
+    w_row = w_ptr + n.to(tl.int64) * K
+    q_row = q_ptr + m.to(tl.int64) * K
+    BK: tl.constexpr = CHUNKS * SUB
+    acc = tl.zeros((CHUNKS, SUB), dtype=tl.int32)
+    k_main = (K // BK) * BK
+    for k0 in range(0, k_main, BK):
+        acc = _int8_dyn_gemv_step(acc, w_row, q_row, k0, K, CHUNKS, SUB, False)
+    if k_main < K:
+        acc = _int8_dyn_gemv_step(acc, w_row, q_row, k_main, K, CHUNKS, SUB, True)
+    tot = tl.sum(tl.sum(acc, axis=1), axis=0)
+    y = tot.to(tl.float32) * tl.load(xs_ptr + m) * tl.load(s_ptr + n)
     if HAS_BIAS:
         y += tl.load(b_ptr + n)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, y.to(y_ptr.dtype.element_ty))
