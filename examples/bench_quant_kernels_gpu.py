@@ -81,7 +81,7 @@ def _time(fn, arg_sets, calls: int, rounds: int, graph: bool) -> float:
 def _gemv_config(chunks: int, warps: int, s4, z4, x, w):
     """The int4 triton op with the decode kernel's launch constants overridden (read when the
     call is captured, so each CUDA graph holds its own configuration)."""
-    from infopt.ops import quant_linear as ql
+    from infopt.ops import quant_linear_triton as ql
 
     saved = ql._GEMV_MAX_CHUNKS, ql._GEMV_WARPS
     ql._GEMV_MAX_CHUNKS, ql._GEMV_WARPS = chunks, warps

@@ -193,7 +193,7 @@ def test_triton_int4_gemv_path(dtype, monkeypatch):
     misaligned x and odd row strides (x copied), K spanning unmasked main-loop steps plus a
     masked tail, group sizes down to one chunk; the kernel must be the one that ran, and group
     sizes it can't take (g6: not a multiple of the 8-code chunk) must use the tile kernel."""
-    from infopt.ops import quant_linear as ql
+    from infopt.ops import quant_linear_triton as ql
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _require("int4_weight_only_linear", device, "triton")

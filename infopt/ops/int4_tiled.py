@@ -81,12 +81,16 @@ def int4_tile(
     if reason is not None:
         raise ValueError(f"int4_tile: {reason}")
     g = -(-k // group_size)
-    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or (
-        tuple(scale.shape) != (n, g)
+    if (
+        not isinstance(scale, torch.Tensor)
+        or not scale.is_floating_point()
+        or (tuple(scale.shape) != (n, g))
     ):
         raise ValueError(f"scale must be a floating [N, G] = [{n}, {g}] tensor")
-    if not isinstance(zero, torch.Tensor) or zero.dtype != torch.uint8 or (
-        tuple(zero.shape) != (n, g)
+    if (
+        not isinstance(zero, torch.Tensor)
+        or zero.dtype != torch.uint8
+        or (tuple(zero.shape) != (n, g))
     ):
         raise ValueError(f"zero must be a uint8 [N, G] = [{n}, {g}] tensor")
     t, s, dev = -(-n // TILE_ROWS), k // STEP_K, qweight.device
@@ -158,8 +162,10 @@ def validate(x, codes, meta, n, group_size, bias=None) -> None:
         if v.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {v.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or (
-            tuple(bias.shape) != (n,)
+        if (
+            not isinstance(bias, torch.Tensor)
+            or not bias.is_floating_point()
+            or (tuple(bias.shape) != (n,))
         ):
             raise ValueError(f"bias must be a floating [N] = [{n}] tensor")
         if bias.device != x.device:

@@ -82,9 +82,7 @@ def register_fakes() -> None:
             _int4_weight_only_linear_fake
         )
         # int4 x dynamic int8 activations has the int4 weight-only signature and output.
-        torch.library.register_fake("infopt::int4_dynamic_linear")(
-            _int4_weight_only_linear_fake
-        )
+        torch.library.register_fake("infopt::int4_dynamic_linear")(_int4_weight_only_linear_fake)
         # w8a8 has the int8 weight-only signature and output.
         torch.library.register_fake("infopt::int8_dynamic_linear")(_int8_weight_only_linear_fake)
         torch.library.register_fake("infopt::int4_tiled_linear")(_int4_tiled_linear_fake)

@@ -1,17 +1,18 @@
-"""Triton kernels for the quantized linears (launchers: ``infopt.ops.quant_linear``).
+"""Triton kernels for the quantized linears (launchers: ``infopt.ops.quant_linear_triton``).
 
 Layouts as in ``infopt/ops/quant_ref.py``: ``x [M, K]`` (unit stride along K), int8 ``qweight
 [N, K]``, packed int4 ``qweight uint8 [N, ceil(K/2)]`` (low nibble = even k), per-channel
 ``scale [N]`` or per-group ``scale/zero [N, G]``; ``y [M, N]``. One program computes a
 ``BLOCK_M x BLOCK_N`` tile of y, looping over K.
 
-Two variants per kernel (``USE_DOT``): a broadcast-multiply-reduce for decode (M <= 16, where a
-``tl.dot`` tile would be mostly padding and the kernel is bound by the weight stream) and
-``tl.dot`` for larger M. Weights enter the dot product as exact small integers (int8 codes, or
-``code - zero`` for int4) in x's dtype, and the scales multiply the fp32 partial sums, so a bf16
-``x`` loses nothing to rounding the dequantized weights. ``IEEE`` dots (fp32 operands, no TF32)
-serve fp32 ``x``, and every dtype under the interpreter, whose bf16/fp16 ``tl.dot`` is wrong
-(results off by orders of magnitude with triton 3.9); bf16 and int8 codes are exact in fp32.
+Tile kernels (``int8_wo_kernel``, ``int4_wo_kernel``, ``int8_dyn_kernel``), two variants each
+(``USE_DOT``): a broadcast-multiply-reduce for M <= 4 and ``tl.dot`` tiles beyond (BLOCK_M 16
+up to M = 16: the broadcast tile spills at 16 rows). Weights enter the dot product as exact
+small integers (int8 codes, or ``code - zero`` for int4) in x's dtype, and the scales multiply
+the fp32 partial sums, so a bf16 ``x`` loses nothing to rounding the dequantized weights.
+``IEEE`` dots (fp32 operands, no TF32) serve fp32 ``x``, and every dtype under the
+interpreter, whose bf16/fp16 ``tl.dot`` is wrong (results off by orders of magnitude with
+triton 3.9); bf16 and int8 codes are exact in fp32.
 
 ``int4_gemv_kernel``, ``int8_gemv_kernel`` and ``int8_dyn_gemv_kernel`` are the decode paths
 (M <= 4), ``int4_dot_kernel`` the int4 path beyond: see their docstrings.
