@@ -187,39 +187,6 @@ def test_cpp_prefill_path_under_inference_mode():
         torch.set_num_threads(old_threads)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_triton_int4_gemv_path(dtype, monkeypatch):
-    """The int4 Triton decode kernel (M <= 4, x read as element pairs): odd K (x padded),
-    misaligned x and odd row strides (x copied), K spanning unmasked main-loop steps plus a
-    masked tail, group sizes down to one chunk; the kernel must be the one that ran, and group
-    sizes it can't take (g6: not a multiple of the 8-code chunk) must use the tile kernel."""
-    from infopt.ops import quant_linear_triton as ql
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    _require("int4_weight_only_linear", device, "triton")
-    calls = []
-    real = ql._int4_gemv_triton
-    monkeypatch.setattr(ql, "_int4_gemv_triton", lambda *a: calls.append(1) or real(*a))
-    op = "int4_weight_only_linear"
-    cases = ((1, 7, 5, 32), (2, 577, 3, 64), (4, 2048 + 130, 3, 128), (3, 1030, 2, 8),
-             (1, 1024, 4, 1024), (2, 100, 3, 6))  # fmt: skip
-    for i, (m, k, n, gs) in enumerate(cases):
-        args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, gs=gs, seed=i)
-        wide = torch.randn(m, k + 3, device=device).to(dtype)
-        xs = {
-            "contiguous": args[0],
-            "misaligned": wide[:, 1 : k + 1],
-            "row stride k+3": wide[:, :k],
-        }
-        for name, x in xs.items():
-            x.copy_(args[0])
-            before = len(calls)
-            check(
-                op, [x, *args[1:]], call(op, [x, *args[1:]], "triton"), f"{m}x{k}x{n} g{gs} {name}"
-            )
-            assert len(calls) - before == (0 if gs == 6 else 1), (gs, name)
-
-
 class _CountingKernel:
     """Wraps a ``@triton.jit`` kernel and counts its launches (``kernel[grid](...)``)."""
 
@@ -229,6 +196,47 @@ class _CountingKernel:
     def __getitem__(self, grid):
         self.launches += 1
         return self.kernel[grid]
+
+
+def _count_launches(monkeypatch, kernel: str) -> _CountingKernel:
+    from infopt.ops.triton_kernels import quant_linear as tk
+
+    counter = _CountingKernel(getattr(tk, kernel))
+    monkeypatch.setattr(tk, kernel, counter)
+    return counter
+
+
+def _check_x_layouts(op, args, counter, launches, what):
+    """``op`` on ``args`` with x contiguous, misaligned by one element and with row stride
+    K + 3 (same values): checked against the reference, and ``counter`` must have counted
+    ``launches`` launches per call."""
+    x0 = args[0]
+    m, k = x0.shape
+    wide = torch.randn(m, k + 3, device=x0.device).to(x0.dtype)
+    xs = {"contiguous": x0, "misaligned": wide[:, 1 : k + 1], "stride k+3": wide[:, :k]}
+    for name, x in xs.items():
+        x.copy_(x0)
+        before = counter.launches
+        got = call(op, [x, *args[1:]], "triton")
+        check(op, [x, *args[1:]], got, f"{what} {name}")
+        assert counter.launches - before == launches, (what, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_triton_int4_gemv_path(dtype, monkeypatch):
+    """The int4 Triton decode kernel (M <= 4, x read as element pairs): odd K (x padded),
+    misaligned x and odd row strides (x copied), K spanning unmasked main-loop steps plus a
+    masked tail, group sizes down to one chunk; the kernel must be the one that ran, and group
+    sizes it can't take (g6: not a multiple of the 8-code chunk) must use the tile kernel."""
+    op = "int4_weight_only_linear"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _require(op, device, "triton")
+    counter = _count_launches(monkeypatch, "int4_gemv_kernel")
+    cases = ((1, 7, 5, 32), (2, 577, 3, 64), (4, 2048 + 130, 3, 128), (3, 1030, 2, 8),
+             (1, 1024, 4, 1024), (2, 100, 3, 6))  # fmt: skip
+    for i, (m, k, n, gs) in enumerate(cases):
+        args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, gs=gs, seed=i)
+        _check_x_layouts(op, args, counter, 0 if gs == 6 else 1, f"{m}x{k}x{n} g{gs}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -241,22 +249,12 @@ def test_triton_int8_gemv_path(op, kernel, dtype, monkeypatch):
     """The int8 / w8a8 Triton decode kernels (M <= 4): odd K, misaligned x and odd row strides
     (read in place: Triton drops the vector width), K spanning unmasked main-loop steps plus a
     masked tail; the kernel must be the one that ran, and M = 5 must not use it."""
-    from infopt.ops.triton_kernels import quant_linear as tk
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _require(op, device, "triton")
-    counter = _CountingKernel(getattr(tk, kernel))
-    monkeypatch.setattr(tk, kernel, counter)
+    counter = _count_launches(monkeypatch, kernel)
     for i, (m, k, n) in enumerate(((1, 7, 5), (2, 577, 3), (4, 1024 + 130, 3), (5, 64, 2))):
         args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, seed=i)
-        wide = torch.randn(m, k + 3, device=device).to(dtype)
-        xs = {"contiguous": args[0], "misaligned": wide[:, 1 : k + 1], "stride k+3": wide[:, :k]}
-        for name, x in xs.items():
-            x.copy_(args[0])
-            before = counter.launches
-            got = call(op, [x, *args[1:]], "triton")
-            check(op, [x, *args[1:]], got, f"{m}x{k}x{n} {name}")
-            assert counter.launches - before == (1 if m <= 4 else 0), (m, name)
+        _check_x_layouts(op, args, counter, 1 if m <= 4 else 0, f"{m}x{k}x{n}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -264,25 +262,14 @@ def test_triton_int4_dot_path(dtype, monkeypatch):
     """The int4 Triton tensor-core kernel (M > 4, nibble planes against x's even / odd
     columns): ragged M, N and K, misaligned and strided x; it must be the kernel that ran, and
     a group size that is not a multiple of 32 (g48) must use the tile kernel."""
-    from infopt.ops.triton_kernels import quant_linear as tk
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    _require("int4_weight_only_linear", device, "triton")
-    counter = _CountingKernel(tk.int4_dot_kernel)
-    monkeypatch.setattr(tk, "int4_dot_kernel", counter)
     op = "int4_weight_only_linear"
-    for i, (m, k, n, gs) in enumerate(
-        ((5, 577, 33, 32), (16, 1000, 40, 64), (20, 131, 7, 128), (7, 256, 5, 48))
-    ):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _require(op, device, "triton")
+    counter = _count_launches(monkeypatch, "int4_dot_kernel")
+    cases = ((5, 577, 33, 32), (16, 1000, 40, 64), (20, 131, 7, 128), (7, 256, 5, 48))
+    for i, (m, k, n, gs) in enumerate(cases):
         args = make_args(op, m, k, n, dtype, device, bias=i % 2 == 0, gs=gs, seed=i)
-        wide = torch.randn(m, k + 3, device=device).to(dtype)
-        xs = {"contiguous": args[0], "misaligned": wide[:, 1 : k + 1], "stride k+3": wide[:, :k]}
-        for name, x in xs.items():
-            x.copy_(args[0])
-            before = counter.launches
-            got = call(op, [x, *args[1:]], "triton")
-            check(op, [x, *args[1:]], got, f"{m}x{k}x{n} g{gs} {name}")
-            assert counter.launches - before == (0 if gs == 48 else 1), (gs, name)
+        _check_x_layouts(op, args, counter, 0 if gs == 48 else 1, f"{m}x{k}x{n} g{gs}")
 
 
 @pytest.mark.parametrize("op", ("int4_weight_only_linear", "int4_dynamic_linear"))

@@ -100,12 +100,24 @@ _GEMV_MAX_CHUNKS = 128
 _GEMV_WARPS = 1
 
 
-def _int8_gemv_triton(kern, x2, y, qweight, scale, bias):
+def _gemv_chunks(units: int) -> int:
+    """CHUNKS for a row of ``units`` SUB-wide chunks: at least one chunk per thread
+    (32 * warps), at most the configured K step."""
     import triton
 
+    return max(32 * _GEMV_WARPS, min(_GEMV_MAX_CHUNKS, triton.next_power_of_2(units)))
+
+
+def _int4_sub(dtype: torch.dtype) -> int:
+    """x pairs per thread and chunk in the int4 GEMV: 16 bytes of x (4 pairs of 16-bit x, 2 of
+    fp32); the group size must be a multiple of the chunk's 2 * SUB codes."""
+    return 2 if dtype == torch.float32 else 4
+
+
+def _int8_gemv_triton(kern, x2, y, qweight, scale, bias):
     n, k = qweight.shape
     m = x2.shape[0]
-    chunks = max(32 * _GEMV_WARPS, min(_GEMV_MAX_CHUNKS, triton.next_power_of_2(triton.cdiv(k, 4))))
+    chunks = _gemv_chunks(-(-k // 4))
     s = scale.float().contiguous()
     b, has_bias = _bias_arg(bias, s)
     with _device_guard(x2):
@@ -155,17 +167,11 @@ def _gemv_pairs(x2: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _int4_gemv_triton(kern, x2, y, qweight, scale, zero, group_size, bias):
-    import triton
-
+def _int4_gemv_triton(kern, sub, x2, y, qweight, scale, zero, group_size, bias):
     n, kb = qweight.shape
     m, k = x2.shape
     xp = _gemv_pairs(x2)
-    sub = 4 if x2.dtype != torch.float32 else 2  # SUB x pairs = 16 bytes of x per thread
-    # At least one chunk per thread (32 * warps), at most the configured K step.
-    chunks = max(
-        32 * _GEMV_WARPS, min(_GEMV_MAX_CHUNKS, triton.next_power_of_2(triton.cdiv(kb, sub)))
-    )
+    chunks = _gemv_chunks(-(-kb // sub))
     s = scale.float().contiguous()
     b, has_bias = _bias_arg(bias, s)
     with _device_guard(x2):
@@ -204,11 +210,10 @@ def int4_triton(x, qweight, scale, zero, group_size, bias=None):
     k = x.shape[-1]
     x2, y = _prep(x, n, kern)
     m = x2.shape[0]
-    sub = 4 if x.dtype != torch.float32 else 2
+    sub = _int4_sub(x.dtype)
     if 0 < m <= _GEMV_MAX_M and n and k and group_size % (2 * sub) == 0:
-        _int4_gemv_triton(
-            _kernels().int4_gemv_kernel, x2, y, qweight, scale, zero, group_size, bias
-        )
+        gemv = _kernels().int4_gemv_kernel
+        _int4_gemv_triton(gemv, sub, x2, y, qweight, scale, zero, group_size, bias)
         return _finish(y, x)
     if m > _GEMV_MAX_M and n and k and group_size % 32 == 0:
         dot = _kernels().int4_dot_kernel
@@ -255,13 +260,10 @@ def w8a8_triton(x, qweight, scale, bias=None):
             else:
                 xs.fill_(1.0)
             if m <= _GEMV_MAX_M and k:
-                chunks = max(
-                    32 * _GEMV_WARPS,
-                    min(_GEMV_MAX_CHUNKS, triton.next_power_of_2(triton.cdiv(k, 4))),
-                )
                 mod.int8_dyn_gemv_kernel[(n, m)](
                     q, xs, qweight.contiguous(), s, b, y, k, y.stride(0),
-                    HAS_BIAS=has_bias, CHUNKS=chunks, SUB=4, num_warps=_GEMV_WARPS,
+                    HAS_BIAS=has_bias, CHUNKS=_gemv_chunks(-(-k // 4)), SUB=4,
+                    num_warps=_GEMV_WARPS,
                 )  # fmt: skip
             else:
                 mod.int8_dyn_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](

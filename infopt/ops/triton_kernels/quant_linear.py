@@ -262,19 +262,25 @@ def int4_dot_kernel(
 
 
 @triton.jit
-def _int8_gemv_step(acc, w_row, x_row, k0, K,
-                    CHUNKS: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """One K step of ``int8_gemv_kernel``: acc ``[CHUNKS, SUB]`` += w * x elementwise."""
+def _int8_gemv_step(acc, w_row, a_row, k0, K, CHUNKS: tl.constexpr, SUB: tl.constexpr,
+                    MASKED: tl.constexpr, INT_ACT: tl.constexpr):  # fmt: skip
+    """One K step of ``int8_gemv_kernel`` / ``int8_dyn_gemv_kernel``: acc ``[CHUNKS, SUB]`` +=
+    w * a elementwise; ``a`` is x (fp32 products) or, with ``INT_ACT``, the int8 activation
+    codes (exact int32 products)."""
     k = k0 + tl.arange(0, CHUNKS)[:, None] * SUB + tl.arange(0, SUB)[None, :]
     if MASKED:
         w = tl.load(w_row + k, mask=k < K, other=0)
-        xv = tl.load(x_row + k, mask=k < K, other=0.0)
+        a = tl.load(a_row + k, mask=k < K, other=0)
     else:
         w = tl.load(w_row + k)
-        xv = tl.load(x_row + k)
-    # 2**23 + (w + 128) via the bit trick, minus 2**23 + 128: the exact code as fp32, no I2F.
-    wf = ((w.to(tl.int32) + 128) | _MAGIC_BITS).to(tl.float32, bitcast=True) - 8388736.0
-    return acc + wf * xv.to(tl.float32)
+        a = tl.load(a_row + k)
+    if INT_ACT:
+        acc += a.to(tl.int32) * w.to(tl.int32)
+    else:
+        # 2**23 + (w + 128) via the bit trick, minus 2**23 + 128: the exact code as fp32, no I2F.
+        wf = ((w.to(tl.int32) + 128) | _MAGIC_BITS).to(tl.float32, bitcast=True) - 8388736.0
+        acc += wf * a.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -297,27 +303,13 @@ def int8_gemv_kernel(
     acc = tl.zeros((CHUNKS, SUB), dtype=tl.float32)
     k_main = (K // BK) * BK
     for k0 in range(0, k_main, BK):
-        acc = _int8_gemv_step(acc, w_row, x_row, k0, K, CHUNKS, SUB, False)
+        acc = _int8_gemv_step(acc, w_row, x_row, k0, K, CHUNKS, SUB, False, False)
     if k_main < K:
-        acc = _int8_gemv_step(acc, w_row, x_row, k_main, K, CHUNKS, SUB, True)
+        acc = _int8_gemv_step(acc, w_row, x_row, k_main, K, CHUNKS, SUB, True, False)
     y = tl.sum(tl.sum(acc, axis=1), axis=0) * tl.load(s_ptr + n)
     if HAS_BIAS:
         y += tl.load(b_ptr + n)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, y.to(y_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _int8_dyn_gemv_step(acc, w_row, q_row, k0, K,
-                        CHUNKS: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """One K step of ``int8_dyn_gemv_kernel``: acc int32 ``[CHUNKS, SUB]`` += q * w."""
-    k = k0 + tl.arange(0, CHUNKS)[:, None] * SUB + tl.arange(0, SUB)[None, :]
-    if MASKED:
-        w = tl.load(w_row + k, mask=k < K, other=0)
-        q = tl.load(q_row + k, mask=k < K, other=0)
-    else:
-        w = tl.load(w_row + k)
-        q = tl.load(q_row + k)
-    return acc + q.to(tl.int32) * w.to(tl.int32)
 
 
 @triton.jit
@@ -340,9 +332,9 @@ def int8_dyn_gemv_kernel(
     acc = tl.zeros((CHUNKS, SUB), dtype=tl.int32)
     k_main = (K // BK) * BK
     for k0 in range(0, k_main, BK):
-        acc = _int8_dyn_gemv_step(acc, w_row, q_row, k0, K, CHUNKS, SUB, False)
+        acc = _int8_gemv_step(acc, w_row, q_row, k0, K, CHUNKS, SUB, False, True)
     if k_main < K:
-        acc = _int8_dyn_gemv_step(acc, w_row, q_row, k_main, K, CHUNKS, SUB, True)
+        acc = _int8_gemv_step(acc, w_row, q_row, k_main, K, CHUNKS, SUB, True, True)
     tot = tl.sum(tl.sum(acc, axis=1), axis=0)
     y = tot.to(tl.float32) * tl.load(xs_ptr + m) * tl.load(s_ptr + n)
     if HAS_BIAS:
