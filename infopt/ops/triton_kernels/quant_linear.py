@@ -284,6 +284,25 @@ def _int8_gemv_step(acc, w_row, a_row, k0, K, CHUNKS: tl.constexpr, SUB: tl.cons
 
 
 @triton.jit
+def _int8_gemv_dot(w_row, a_row, K, CHUNKS: tl.constexpr, SUB: tl.constexpr,
+                   INT_ACT: tl.constexpr):  # fmt: skip
+    """``sum_k w[k] * a[k]`` over one row for both int8 decode kernels: unmasked main loop,
+    masked last step, elementwise accumulation in ``[CHUNKS, SUB]`` and one reduction after the
+    loop (int32 with ``INT_ACT``, else fp32)."""
+    BK: tl.constexpr = CHUNKS * SUB
+    if INT_ACT:
+        acc = tl.zeros((CHUNKS, SUB), dtype=tl.int32)
+    else:
+        acc = tl.zeros((CHUNKS, SUB), dtype=tl.float32)
+    k_main = (K // BK) * BK
+    for k0 in range(0, k_main, BK):
+        acc = _int8_gemv_step(acc, w_row, a_row, k0, K, CHUNKS, SUB, False, INT_ACT)
+    if k_main < K:
+        acc = _int8_gemv_step(acc, w_row, a_row, k_main, K, CHUNKS, SUB, True, INT_ACT)
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
+
+
+@triton.jit
 def int8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,  # x [M, K], w int8 [N, K], s fp32 [N], y [M, N]
     K, stride_xm, stride_ym,
@@ -299,14 +318,7 @@ def int8_gemv_kernel(
     n, m = tl.program_id(0), tl.program_id(1)
     w_row = w_ptr + n.to(tl.int64) * K
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    BK: tl.constexpr = CHUNKS * SUB
-    acc = tl.zeros((CHUNKS, SUB), dtype=tl.float32)
-    k_main = (K // BK) * BK
-    for k0 in range(0, k_main, BK):
-        acc = _int8_gemv_step(acc, w_row, x_row, k0, K, CHUNKS, SUB, False, False)
-    if k_main < K:
-        acc = _int8_gemv_step(acc, w_row, x_row, k_main, K, CHUNKS, SUB, True, False)
-    y = tl.sum(tl.sum(acc, axis=1), axis=0) * tl.load(s_ptr + n)
+    y = _int8_gemv_dot(w_row, x_row, K, CHUNKS, SUB, False) * tl.load(s_ptr + n)
     if HAS_BIAS:
         y += tl.load(b_ptr + n)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, y.to(y_ptr.dtype.element_ty))
@@ -328,14 +340,7 @@ def int8_dyn_gemv_kernel(
     n, m = tl.program_id(0), tl.program_id(1)
     w_row = w_ptr + n.to(tl.int64) * K
     q_row = q_ptr + m.to(tl.int64) * K
-    BK: tl.constexpr = CHUNKS * SUB
-    acc = tl.zeros((CHUNKS, SUB), dtype=tl.int32)
-    k_main = (K // BK) * BK
-    for k0 in range(0, k_main, BK):
-        acc = _int8_gemv_step(acc, w_row, q_row, k0, K, CHUNKS, SUB, False, True)
-    if k_main < K:
-        acc = _int8_gemv_step(acc, w_row, q_row, k_main, K, CHUNKS, SUB, True, True)
-    tot = tl.sum(tl.sum(acc, axis=1), axis=0)
+    tot = _int8_gemv_dot(w_row, q_row, K, CHUNKS, SUB, True)
     y = tot.to(tl.float32) * tl.load(xs_ptr + m) * tl.load(s_ptr + n)
     if HAS_BIAS:
         y += tl.load(b_ptr + n)
