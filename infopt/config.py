@@ -39,6 +39,15 @@ class InfoptConfig:
         return {"type": type(self).__name__, "version": self.VERSION, "fields": fields}
 
     @classmethod
+    def _upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+        """Turn the fields of a saved ``version`` (< ``VERSION``) dict into current ones.
+
+        Subclasses override this when a version drops or renames a field; the default keeps
+        them as they are (new fields take their defaults).
+        """
+        return fields
+
+    @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
         """Inverse of :meth:`to_dict`. Called on the base class it dispatches on ``d["type"]``."""
         if not isinstance(d, dict) or "type" not in d or "fields" not in d:
@@ -56,14 +65,17 @@ class InfoptConfig:
                 f"{d['type']} version {version} is newer than this infopt supports "
                 f"({target.VERSION}); upgrade infopt"
             )
+        fields = dict(d["fields"])
+        if version < target.VERSION:
+            fields = target._upgrade_fields(version, fields)
         known = {f.name: f for f in dataclasses.fields(target)}
-        unknown = set(d["fields"]) - set(known)
+        unknown = set(fields) - set(known)
         if unknown:
             raise ValueError(
                 f"{d['type']}: unknown fields {sorted(unknown)}; known: {sorted(known)}"
             )
         kwargs = {}
-        for name, v in d["fields"].items():
+        for name, v in fields.items():
             # to_dict turned tuples into lists for JSON; configs are frozen, so turn them back.
             if isinstance(v, dict) and {"type", "fields"} <= set(v):
                 v = InfoptConfig.from_dict(v)

@@ -10,7 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import infopt.quant as q
 from infopt.quant import formats as F
-from infopt.quant.awq import awq_clip_ratios, awq_search_scale, smoothquant_scale
+from infopt.quant.awq import (
+    _clip_search,
+    awq_clip_ratios,
+    awq_search_scale,
+    damp_cov,
+    smoothquant_scale,
+)
 from infopt.quant.calibrated import InputStats, collect_stats
 from infopt.quant.structure import (
     capture_block_inputs,
@@ -130,6 +136,51 @@ def test_awq_clip_sweep_counts_cross_group_terms(gs):
         e = torch.einsum("rni,ij,rnj->rn", d_all[:, :, sl], cov[sl, sl], d_all[:, :, sl])
         diag[:, gi] = ratios[e.argmin(0)]
     assert err <= _layer_error(w, F.fake_quantize_int4(w, gs, clip_ratio=diag), x) * (1 + 1e-5)
+
+
+def test_clip_search_reports_the_error_of_its_ratios():
+    """The error the clip search returns (kept up to date incrementally) is the true
+    ``tr(D C D^T)`` of the weights it picked, ragged last group included."""
+    k, n, gs = 200, 16, 64
+    x = _outlier_inputs(1024, k, seed=7)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
+    cov = x.t() @ x / x.shape[0]
+    ratio, err = _clip_search(w, cov, gs)
+    d = F.fake_quantize_int4(w, gs, clip_ratio=ratio) - w
+    assert torch.allclose(err, ((d @ cov) * d).sum(), rtol=1e-4)
+
+
+def _post_clip_error(w, s, x, gs, cov):
+    ratio = awq_clip_ratios(w * s, cov / (s[:, None] * s[None, :]), gs)
+    return _layer_error(w, F.fake_quantize_int4(w * s, gs, clip_ratio=ratio) / s, x)
+
+
+def test_awq_clip_aware_search_never_worse_after_clipping():
+    """With ``clip=True`` each alpha is scored after its own clip search, so (rows <= 256:
+    no subsampling) the chosen scale's clipped error is the minimum over the grid, hence no
+    worse than that of the scale a clip-unaware search picks."""
+    k, n, gs = 256, 48, 64
+    x = _outlier_inputs(4096, k, seed=4)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(6)) * 0.05
+    w[:, 5] *= 8  # a weight-outlier column, so clipping and scaling interact
+    st = _stats(x)
+    s_joint, _ = awq_search_scale([w], st, gs, clip=True)
+    s_plain, _ = awq_search_scale([w], st, gs, clip=False)
+    joint = _post_clip_error(w, s_joint, x, gs, st.cov)
+    plain = _post_clip_error(w, s_plain, x, gs, st.cov)
+    assert joint <= plain * (1 + 1e-5), (joint, plain)
+    for a in range(20):  # and no worse than any grid point (brute force)
+        sa = st.mean_abs.clamp_min(1e-4).pow(a / 20)
+        sa = sa / (sa.max() * sa.min()).sqrt()
+        assert joint <= _post_clip_error(w, sa, x, gs, st.cov) * (1 + 1e-5), a
+
+
+def test_damp_cov():
+    c = torch.tensor([[2.0, 1.0], [1.0, 4.0]])
+    assert damp_cov(c, 0.0) is c
+    assert torch.equal(damp_cov(c, 0.1), torch.tensor([[2.3, 1.0], [1.0, 4.3]]))
+    with pytest.raises(ValueError, match="awq_damp"):
+        q.Int4WeightOnlyConfig(method="awq", awq_damp=-0.1)
 
 
 def test_smoothquant_scale_formula():

@@ -139,7 +139,7 @@ def test_configs_round_trip_and_validate():
     cfgs = [
         q.Int8WeightOnlyConfig(skip=("lm_head", "*.down_proj")),
         q.Int4WeightOnlyConfig(group_size=64, method="gptq", act_order=True),
-        q.Int4WeightOnlyConfig(method="awq", awq_clip=False),
+        q.Int4WeightOnlyConfig(method="awq", awq_clip=False, awq_damp=0.0),
         q.Int4WeightOnlyConfig(act_dtype="int8", lm_head="int8"),
         q.W8A8Config(alpha=0.8),
         q.FP8Config(include=("*.mlp.*",)),
@@ -147,6 +147,13 @@ def test_configs_round_trip_and_validate():
     for c in cfgs:
         d = json.loads(json.dumps(c.to_dict()))
         assert InfoptConfig.from_dict(d) == c
+    # A version-1 int4 dict (as saved before max_tokens was dropped) still loads; a current
+    # dict naming max_tokens is rejected like any unknown field.
+    v1 = q.Int4WeightOnlyConfig(method="awq").to_dict()
+    v1 = {**v1, "version": 1, "fields": {**v1["fields"], "max_tokens": 4096}}
+    assert InfoptConfig.from_dict(v1) == q.Int4WeightOnlyConfig(method="awq")
+    with pytest.raises(ValueError, match=r"unknown fields \['max_tokens'\]"):
+        InfoptConfig.from_dict({**v1, "version": 2})
     with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128\)"):
         q.Int4WeightOnlyConfig(group_size=256)
     with pytest.raises(ValueError, match="method must be one of"):

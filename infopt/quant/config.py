@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any
 
 from ..config import InfoptConfig, register_config
+from .awq import AWQ_DAMP
 from .formats import GROUP_SIZES
 
 __all__ = [
@@ -128,8 +129,10 @@ class Int4WeightOnlyConfig(QuantConfig):
         damp: GPTQ only: damping added to the Hessian diagonal, as a fraction of its mean.
         block_size: GPTQ only: columns per lazy-batch update block (a multiple of group_size).
         awq_grid: AWQ only: number of alpha values searched in [0, 1).
-        awq_clip: AWQ only: also search a per-group range-shrink ratio.
-        max_tokens: AWQ only: calibration tokens per layer kept for the searches.
+        awq_clip: AWQ only: also search a per-group range-shrink ratio (and score each alpha
+            by its error after that search).
+        awq_damp: AWQ only: ridge added to the calibration covariance's diagonal for both
+            searches, as a fraction of its mean (like ``damp`` for GPTQ; see docs/quant.md).
         act_dtype: ``None`` (default: weight-only, activations stay in the model dtype) or
             ``"int8"``: each quantized linear rounds its input to int8 per block of 32 along K
             on the fly (``ops.int4_dynamic_linear``; llama.cpp's Q4 x Q8 and IPEX's
@@ -138,7 +141,9 @@ class Int4WeightOnlyConfig(QuantConfig):
             measured quality and speed.
     """
 
-    VERSION = 1
+    # 2: ``max_tokens`` removed (it never had an effect: the AWQ searches use every
+    # calibration token through the input covariance), ``awq_damp`` added.
+    VERSION = 2
     FORMAT = "int4"
 
     group_size: int = 128
@@ -148,7 +153,7 @@ class Int4WeightOnlyConfig(QuantConfig):
     block_size: int = 128
     awq_grid: int = 20
     awq_clip: bool = True
-    max_tokens: int = 4096
+    awq_damp: float = AWQ_DAMP
     act_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -173,7 +178,13 @@ class Int4WeightOnlyConfig(QuantConfig):
         _check_int("awq_grid", self.awq_grid, 1)
         if not isinstance(self.awq_clip, bool):
             raise TypeError(f"awq_clip must be a bool, got {self.awq_clip!r}")
-        _check_int("max_tokens", self.max_tokens, 16)
+        _check_float("awq_damp", self.awq_damp, 0.0, 1.0, high_open=False)
+
+    @classmethod
+    def _upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+        if version < 2:
+            fields.pop("max_tokens", None)  # version 1 stored it but never used it
+        return fields
 
     @property
     def calibrated(self) -> bool:

@@ -166,7 +166,8 @@ def quantize_model(
             fn, desc = functools.partial(_gptq_block, config=config), "GPTQ"
         else:
             fn = functools.partial(
-                awq_block, group_size=config.group_size, grid=config.awq_grid, clip=config.awq_clip
+                awq_block, group_size=config.group_size, grid=config.awq_grid,
+                clip=config.awq_clip, damp=config.awq_damp,
             )
             desc = "AWQ"
         was_training = model.training
