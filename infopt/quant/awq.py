@@ -66,25 +66,27 @@ def damp_cov(cov: torch.Tensor, damp: float) -> torch.Tensor:
     """
     if damp == 0:
         return cov
-    eye = torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
-    return cov + (damp * cov.diagonal().mean()) * eye
+    out = cov.clone()  # add to the diagonal in place: no [K, K] identity (K = 8960: 320 MB)
+    out.diagonal().add_(damp * cov.diagonal().mean())
+    return out
 
 
 @torch.no_grad()
 def awq_search_scale(
     weights: list[torch.Tensor], stats: InputStats, group_size: int, grid: int = 20,
-    *, clip: bool = False, damp: float = 0.0,
+    *, clip: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Best per-input-channel scale ``s [K]`` for a group of weights ``[N_i, K]`` sharing input.
 
     ``clip=True`` scores every candidate *after* its own clip search (:func:`awq_clip_ratios`),
-    i.e. by the error the quantized weights will have, not the error before clipping; ``damp``
-    is the ridge of :func:`damp_cov`. Returns ``(s, alpha)``: the winning scale and exponent;
-    ``s`` is all ones when no rescaling helps (alpha = 0).
+    i.e. by the error the quantized weights will have, not the error before clipping. The
+    error uses ``stats.cov`` as given (:func:`awq_block` passes it through :func:`damp_cov`).
+    Returns ``(s, alpha)``: the winning scale and exponent; ``s`` is all ones when no
+    rescaling helps (alpha = 0).
     """
     if stats.cov is None:
         raise ValueError("AWQ needs the input covariance (collect_stats(with_cov=True))")
-    cov = damp_cov(stats.cov.float(), damp)
+    cov = stats.cov.float()
     # The error is a sum over output rows and every row sees the same input scaling, so the
     # search scores candidates on an evenly spaced subset of at most ``_SEARCH_ROWS`` rows per
     # weight: the cost per candidate is O(rows K^2) instead of O(N K^2) (Qwen2.5-1.5B's
@@ -194,14 +196,12 @@ def awq_block(
     # Scales first for every group (folds edit producers, which may be other groups'
     # linears; a per-row rescale commutes with per-row quantization), quantize afterwards.
     for group, st in zip(groups, stats):
-        s, _ = awq_search_scale(
-            [mods[n].weight for n in group], st, group_size, grid, clip=clip, damp=damp
-        )
+        st.cov = damp_cov(st.cov, damp)  # once, for both searches
+        s, _ = awq_search_scale([mods[n].weight for n in group], st, group_size, grid, clip=clip)
         identity = bool((s == 1).all())  # x^0: no rescaling helped
         in_scale = None if identity else _apply_scale(block, group, s, chunks)
         # The group now sees x / s: its covariance is C / (s s^T).
-        cov = damp_cov(st.cov, damp)
-        cov = cov if identity else cov / (s[:, None] * s[None, :])
+        cov = st.cov if identity else st.cov / (s[:, None] * s[None, :])
         plans.append((group, cov, in_scale))
     new: dict[str, nn.Module] = {}
     for group, cov, in_scale in plans:
