@@ -242,6 +242,24 @@ def test_collect_stats_matches_direct_computation():
     assert torch.equal(run_block(blocks[0], *chunks[0]), out)
 
 
+@pytest.mark.parametrize("tile", [7, 16, 64])
+def test_collect_stats_tiled_gram_matches_full(monkeypatch, tile):
+    # Tiles of 7 over the MLP's K = 96 (ragged last tile) and its K = 64 inputs; 64: one tile.
+    import infopt.quant.calibrated as cal
+
+    model = _tiny()
+    _, blocks = find_blocks(model)
+    chunks = capture_block_inputs(model, blocks, CALIB, batch_size=3)
+    groups = [TARGETS[:3], TARGETS[6:]]
+    full = collect_stats(blocks[0], groups, chunks)
+    monkeypatch.setattr(cal, "_GRAM_TILE", tile)
+    assert (len(cal._gram_tiles(96)) > 1) == (tile < 48)
+    tiled = collect_stats(blocks[0], groups, chunks)
+    for a, b in zip(full, tiled):
+        assert torch.allclose(a.cov, b.cov, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b.cov, b.cov.t())
+
+
 @pytest.mark.parametrize("alias", ["int4-awq", "w8a8"])
 def test_folding_keeps_fp_function(alias):
     # Folding alone (before quantization) must not change the model: check by comparing the
