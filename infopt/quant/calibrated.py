@@ -38,8 +38,8 @@ def _accumulate_gram(cov: torch.Tensor, x: torch.Tensor) -> None:
     """``cov += x^T x`` for ``x [T, K]``, upper-triangle tiles only (see :func:`_mirror_gram`).
 
     Why: ``X^T X`` is symmetric, and a plain ``addmm`` computes both halves. For
-    Qwen2.5-1.5B's down_proj (K = 8960) that product is most of a calibration pass; the
-    tiles do ~55 % of its FLOPs.
+    Qwen2.5-1.5B's down_proj (K = 8960) the tiles do ~55 % of its FLOPs (2048 tokens on the
+    2-core CPU: 0.66 s instead of 1.04 s per chunk, a few seconds per block).
     """
     for r, c in _gram_tiles(x.shape[1]):
         cov[r, c].addmm_(x[:, r].t(), x[:, c])
