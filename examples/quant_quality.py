@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -24,6 +25,9 @@ import torch
 
 import infopt.quant as q
 from infopt.eval import compare
+
+#: QuantConfig's calibration defaults, so that the script measures what the library ships.
+_CALIB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(q.QuantConfig)}
 
 DEFAULT_METHODS = (
     "int8,w8a8,fp8,int4:128,int4-awq:128,int4-gptq:128,int4:64,int4-awq:64,int4-gptq:64"
@@ -55,8 +59,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="infopt model name or local HF dir")
     p.add_argument("--methods", default=DEFAULT_METHODS)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--calib-samples", type=int, default=_CALIB_DEFAULTS["calib_samples"],
+                   help="calibration windows (default: the library's)")
+    p.add_argument("--calib-seq-len", type=int, default=_CALIB_DEFAULTS["calib_seq_len"],
+                   help="tokens per calibration window (default: the library's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-text", default="lee", choices=["lee", "pydoc"])
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")

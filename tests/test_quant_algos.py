@@ -275,6 +275,18 @@ def test_folding_keeps_fp_function(alias):
     assert float(cos) > 0.98
 
 
+def test_calibration_longer_than_context_is_refused():
+    # The default windows (32 x 512) exceed this tiny model's 64 positions: a clear error
+    # naming calib_seq_len, before any block is touched.
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    long_ids = torch.randint(0, 101, (2, 65), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="calib_seq_len <= 64"):
+        q.quantize_model(model, "int4-awq", calib_input_ids=long_ids, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert q.QuantConfig.calib_seq_len > 64  # so the library default would hit this too
+
+
 def test_calibration_ids_deterministic_and_disjoint_text():
     class CharTok:
         def __call__(self, text, add_special_tokens=False):

@@ -46,10 +46,20 @@ def _accumulate_gram(cov: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def _mirror_gram(cov: torch.Tensor) -> None:
-    """Fill the lower triangle of a Gram matrix accumulated by :func:`_accumulate_gram`."""
+    """Make a Gram matrix accumulated by :func:`_accumulate_gram` exactly symmetric.
+
+    Off-diagonal tiles are copied to the lower triangle. A diagonal tile was computed in full
+    by ``addmm``, whose blocked BLAS kernels may sum ``(i, j)`` and ``(j, i)`` in different
+    orders on some CPUs (last-bit differences): its strict lower triangle is overwritten by
+    the transpose of its upper one, so the whole matrix follows one triangle.
+    """
     for r, c in _gram_tiles(cov.shape[0]):
         if r != c:
             cov[c, r] = cov[r, c].t()
+        else:
+            blk = cov[r, c]
+            lower = torch.tril(torch.ones_like(blk, dtype=torch.bool), diagonal=-1)
+            blk.copy_(torch.where(lower, blk.t(), blk))
 
 
 @dataclass

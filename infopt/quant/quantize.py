@@ -160,6 +160,15 @@ def quantize_model(
             raise ValueError(
                 f"calib_input_ids must be [n_samples, seq_len], got {tuple(calib_input_ids.shape)}"
             )
+        # The default windows (512 tokens) can exceed a small model's context: refuse rather
+        # than calibrate on positions the model never saw (or index past learned positions).
+        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(max_pos, int) and calib_input_ids.shape[1] > max_pos:
+            raise ValueError(
+                f"calibration windows of {calib_input_ids.shape[1]} tokens exceed the model's "
+                f"max_position_embeddings={max_pos}; set calib_seq_len <= {max_pos} in the "
+                "config or pass shorter calib_input_ids"
+            )
         if isinstance(config, W8A8Config):
             fn, desc = functools.partial(smooth_block, alpha=config.alpha), "SmoothQuant"
         elif config.method == "gptq":
