@@ -1,0 +1,146 @@
+"""The engine's attention function for transformers models, and the forward context it reads.
+
+The model runner sets a :class:`ForwardContext` (the step's slot mapping, block tables,
+sequence lengths and query offsets as tensors, plus the KV pool) around one forward of the HF
+model over a flat ragged batch ``[1, N]``. Every attention layer, dispatched by transformers'
+``AttentionInterface`` to :func:`engine_attention_forward`, writes its new K/V into the pool at
+the planned slots and attends through :func:`infopt.ops.paged_attention_prefill`. Nothing is
+reconstructed from HF's masks: the mask function registered for this implementation returns
+``None`` while a context is set (so HF builds no ``[N, N]`` mask), and HF's own ``sdpa`` mask
+otherwise.
+
+Outside a context (a plain ``model(...)`` call on a model the engine uses, e.g. perplexity) the
+function is exactly HF's ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .. import ops
+from ..kvcache.pool import KVPool
+
+__all__ = ["ATTN_NAME", "ForwardContext", "forward_context", "register"]
+
+ATTN_NAME = "infopt_engine"
+
+_LOCAL = threading.local()
+
+
+@dataclasses.dataclass
+class ForwardContext:
+    """One step's plan as tensors (on the model's device).
+
+    slot_mapping ``int64 [N]``; block_tables ``int32 [B, max_blocks]``; seq_lens ``int32 [B]``;
+    query_start_loc ``int32 [B + 1]``; layer_windows ``[num_layers]`` (``None``: full).
+    """
+
+    pool: KVPool
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    layer_windows: tuple[int | None, ...]
+
+
+def current_context() -> ForwardContext | None:
+    return getattr(_LOCAL, "ctx", None)
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[None]:
+    """Make ``ctx`` visible to the attention layers of forwards run in this thread."""
+    prev = current_context()
+    _LOCAL.ctx = ctx
+    try:
+        yield
+    finally:
+        _LOCAL.ctx = prev
+
+
+def engine_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """HF attention-interface function. query ``[1, Hq, N, D]``, key/value ``[1, Hkv, N, D]``
+    (this step's tokens, RoPE applied). Returns ``([1, N, Hq, D], None)``."""
+    ctx = current_context()
+    if ctx is None:
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        if softcap is not None:
+            raise NotImplementedError("attention logit soft-capping has no sdpa fallback")
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                    sliding_window=sliding_window, **kwargs)
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"the infopt engine does not support attention {name!r}")
+    if not getattr(module, "is_causal", True):
+        raise NotImplementedError("the infopt engine runs causal (decoder) attention only")
+    if dropout and module.training:
+        raise NotImplementedError("the infopt engine is inference-only (attention dropout > 0)")
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"the engine runs one flat ragged batch [1, N]; got batch {query.shape[0]}"
+        )
+    layer = module.layer_idx
+    planned = ctx.layer_windows[layer] if layer < len(ctx.layer_windows) else None
+    if sliding_window != planned:
+        # The scheduler frees blocks by the planned windows: attending wider would read them.
+        raise RuntimeError(
+            f"layer {layer} attends with sliding_window={sliding_window}, but the engine "
+            f"planned {planned} from the model config; the config's layer_types / "
+            "sliding_window do not describe this model"
+        )
+    _, hq, n, d = query.shape
+    q = query[0].transpose(0, 1).contiguous()  # [N, Hq, D]
+    k = key[0].transpose(0, 1)  # [N, Hkv, D]
+    v = value[0].transpose(0, 1)
+    pool = ctx.pool
+    pool.write(layer, ctx.slot_mapping, k, v)
+    k_scale, v_scale = pool.scales(layer)
+    extra = {}
+    if planned is not None:
+        extra["window"] = planned
+    if softcap is not None:
+        extra["softcap"] = float(softcap)
+    out = ops.paged_attention_prefill(
+        q.to(pool.dtype),
+        pool.k[layer],
+        pool.v[layer],
+        ctx.block_tables,
+        ctx.seq_lens,
+        ctx.query_start_loc,
+        float(scaling) if scaling is not None else d**-0.5,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        **extra,
+    )
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+def _engine_mask(*args: Any, **kwargs: Any) -> Any:
+    if current_context() is not None:
+        return None  # the plan carries the causal structure; no [N, N] mask is built
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
+def register() -> None:
+    """Register ``"infopt_engine"`` with transformers' attention and mask interfaces."""
+    AttentionInterface.register(ATTN_NAME, engine_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _engine_mask)
