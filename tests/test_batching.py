@@ -389,3 +389,21 @@ def test_scheduler_preempts_newest_first():
     plan, _ = s.schedule()  # a and b each need a new block: c (newest), then b go
     assert plan.preempted == ["c"] and plan.request_ids == ["a", "b"]
     assert [r.request_id for r in s.waiting] == ["c"] and reqs["c"].blocks == []
+
+
+def test_tune_batch_sweeps_and_picks_within_bound(models):
+    from infopt.batching.tune import percentile, tune_batch
+
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
+    model, _ = models
+    res = tune_batch(model, None, prompts_of([5, 9, 14, 3]), 4, max_num_seqs=(1, 4),
+                     max_num_batched_tokens=(8, 32), base=EngineConfig(num_blocks=32))
+    assert len(res.rows) == 4 and {r.config["max_num_seqs"] for r in res.rows} == {1, 4}
+    assert res.pick is max(res.rows, key=lambda r: r.output_tok_s)
+    assert any(r.on_frontier for r in res.rows) and "pick" in res.format()
+    tight = tune_batch(model, None, prompts_of([5, 9]), 3, max_num_seqs=(2,),
+                       max_num_batched_tokens=(16,), tpot_bound_s=1e-9,
+                       base=EngineConfig(num_blocks=32))
+    assert tight.pick is None and not tight.rows[0].meets_bound
+    with pytest.raises(ValueError, match="tpot_bound_s"):
+        tune_batch(model, None, prompts_of([5]), 3, tpot_bound_s=0)
