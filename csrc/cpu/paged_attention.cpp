@@ -7,6 +7,10 @@
 // Quantized pools: k/v_cache int8 or float8_e4m3fn with k/v_scale float32 [num_blocks,
 // block_size, Hkv] (one scale per token and head); a row is dequantized as it is loaded
 // (value = stored * scale), so no full-precision copy of the cache is ever made.
+// Sliding window (window >= 1 keys, 0 = off): query at position p attends to keys p - window < j
+// <= p; a task's page loop starts at the page of its first query's first window key, so table
+// entries before it are neither read nor validated (they may be stale). Soft-capping (softcap >
+// 0, 0 = off): scores become softcap * tanh(score / softcap), score already scaled.
 //
 // Work is split with at::parallel_for over (query token, KV head). One task handles the
 // G = Hq / Hkv query heads that share a KV head, so every K/V row is read once per group (GQA/MQA
@@ -62,6 +66,25 @@ inline float exp_simd(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
+// tanh for the soft-cap, vectorizable like exp_simd: Cephes tanhf (odd polynomial for |x| <
+// 0.625, no cancellation near 0; 1 - 2 / (exp(2|x|) + 1) above, where exp_simd's clamp at 88.7
+// still gives 1 to fp32 precision). Both branches are computed and one is selected (no branch
+// in the loop). Error ~2 fp32 ulps. Inputs are finite scores (|x| < ~1e38 / softcap).
+inline float tanh_simd(float x) {
+  const float a = std::fabs(x);
+  const float z = x * x;
+  const float small =
+      ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+        1.33314422036e-1f) *
+           z -
+       3.33332819422e-1f) *
+          z * x +
+      x;
+  float big = 1.f - 2.f / (exp_simd(2.f * a) + 1.f);
+  big = x < 0.f ? -big : big;
+  return a < 0.625f ? small : big;
+}
+
 // Queries per task in a prefill: enough to amortize each K/V row load over many dot products,
 // few enough that a tile's accumulators stay in L1 (8 x G x D fp32).
 constexpr int64_t kTile = 8;
@@ -81,12 +104,15 @@ struct Args {
   int64_t num_tiles;
   Dims s;
   float scale;
+  int64_t window;  // keys per query window; 0 = full causal attention
+  float softcap;   // 0 = no soft-capping
 };
 
 // Tasks [begin, end) of the (query tile, KV head) grid. A tile is up to kTile consecutive
 // queries of one sequence: each K/V row is loaded (and dequantized) once for all tile x G query
 // heads, which is what makes a chunked prefill over a long cached prefix cheap. Query i of the
-// tile sees keys 0 ..= tok_pos[i]; keys past that (inside the tile's range) get probability 0.
+// tile sees keys lo_i ..= tok_pos[i] (lo_i = 0, or tok_pos[i] - window + 1 clamped at 0); keys
+// outside that (inside the tile's range) get probability 0.
 // always_inline: inlined into both the plain and the AVX2 entry points, each compiled for its ISA.
 template <typename T, typename KV>
 __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64_t begin,
@@ -97,7 +123,7 @@ __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64
   const int64_t rows_max = kTile * g_size;  // query heads of one task
   std::vector<float> qf(rows_max * d), acc(rows_max * d), scores(rows_max * bs), kv_row(d);
   std::vector<float> m(rows_max), l(rows_max);
-  std::vector<int64_t> limit(rows_max);
+  std::vector<int64_t> limit(rows_max), lo(rows_max);
   float* kvr = kv_row.data();
   for (int64_t task = begin; task < end; ++task) {
     const int64_t tile = task / s.hkv, kvh = task % s.hkv;
@@ -114,11 +140,14 @@ __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64
         m[r] = -std::numeric_limits<float>::infinity();
         l[r] = 0.f;
         limit[r] = a.tok_pos[t0 + qi];  // last key position this row may attend to
+        lo[r] = a.window > 0 ? std::max<int64_t>(0, limit[r] - a.window + 1) : 0;  // first one
       }
     }
     std::fill(acc.begin(), acc.begin() + rows * d, 0.f);
     const int64_t pages = (kv_len + bs - 1) / bs;
-    for (int64_t p = 0; p < pages; ++p) {
+    // The tile's first query has the earliest window: pages before its first key are skipped.
+    const int64_t first_page = lo[0] / bs;
+    for (int64_t p = first_page; p < pages; ++p) {
       const int64_t blk = table[p];
       const int64_t ntok = std::min(bs, kv_len - p * bs);
       // scores[r, t] = scale * <q_r, k_t>
@@ -137,19 +166,32 @@ __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64
       // One rescale per page and row: m_new = max(m, page max); acc, l *= exp(m - m_new).
       for (int64_t r = 0; r < rows; ++r) {
         float* sg = scores.data() + r * bs;
-        // keys of this page the row may see: positions p * bs + t <= limit[r]
+        // keys of this page the row may see: positions lo[r] <= p * bs + t <= limit[r]
         const int64_t vis = std::min(ntok, limit[r] - p * bs + 1);
-        if (vis <= 0) {  // the whole page is in this row's future
+        const int64_t t_lo = std::max<int64_t>(0, lo[r] - p * bs);
+        if (vis <= t_lo) {  // the whole page is in this row's future or before its window
           std::fill(sg, sg + ntok, 0.f);
           continue;
         }
-        float page_max = sg[0];
-        for (int64_t t = 1; t < vis; ++t) page_max = std::max(page_max, sg[t]);
+        float page_max = sg[t_lo];
+        if (a.softcap > 0.f) {  // cap the visible scores: s = softcap * tanh(s / softcap)
+          const float cap = a.softcap, inv_cap = 1.f / a.softcap;
+          page_max = -std::numeric_limits<float>::infinity();
+          // a reduction clause: GCC 12 vectorizes this loop with it, not without
+#pragma omp simd reduction(max : page_max)
+          for (int64_t t = t_lo; t < vis; ++t) {
+            sg[t] = cap * tanh_simd(sg[t] * inv_cap);
+            page_max = std::max(page_max, sg[t]);
+          }
+        } else {
+          for (int64_t t = t_lo + 1; t < vis; ++t) page_max = std::max(page_max, sg[t]);
+        }
         const float m_new = std::max(m[r], page_max);
         const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first page
         float psum = 0.f;
+        for (int64_t t = 0; t < t_lo; ++t) sg[t] = 0.f;
 #pragma omp simd reduction(+ : psum)
-        for (int64_t t = 0; t < vis; ++t) {
+        for (int64_t t = t_lo; t < vis; ++t) {
           sg[t] = exp_simd(sg[t] - m_new);
           psum += sg[t];
         }
@@ -210,7 +252,10 @@ void paged_attention_impl(const Args<T, KV>& a) {
   // Task cost is ~kv_len * tile * G * D multiply-adds. Aim for >= ~256K per chunk: waking
   // threads for less costs more than it saves (decode of one short sequence stays on one thread).
   int64_t work = 0;
-  for (int64_t t = 0; t < s.n; ++t) work += (a.tok_pos[t] + 1) * s.hq * s.d;
+  for (int64_t t = 0; t < s.n; ++t) {
+    const int64_t keys = a.window > 0 ? std::min(a.tok_pos[t] + 1, a.window) : a.tok_pos[t] + 1;
+    work += keys * s.hq * s.d;
+  }
   const int64_t grain = std::max<int64_t>(1, tasks * (int64_t{1} << 18) / std::max<int64_t>(work, 1));
   const bool avx2 = has_avx2();
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
@@ -226,7 +271,8 @@ template <typename T, typename KV>
 void dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
               const float* ks, const float* vs, at::Tensor& out, const int32_t* table,
               const std::vector<int64_t>& tok_seq, const std::vector<int64_t>& tok_pos,
-              const std::vector<int64_t>& tiles, const Dims& s, float sc) {
+              const std::vector<int64_t>& tiles, const Dims& s, float sc, int64_t window,
+              float softcap) {
   Args<T, KV> a{q.const_data_ptr<T>(),
                 reinterpret_cast<const KV*>(kc.const_data_ptr()),
                 reinterpret_cast<const KV*>(vc.const_data_ptr()),
@@ -239,7 +285,9 @@ void dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                 tiles.data(),
                 static_cast<int64_t>(tiles.size()) - 1,
                 s,
-                sc};
+                sc,
+                window,
+                softcap};
   paged_attention_impl<T, KV>(a);
 }
 
@@ -248,14 +296,16 @@ void dispatch_kv(at::ScalarType kv_dt, const at::Tensor& q, const at::Tensor& kc
                  const at::Tensor& vc, const float* ks, const float* vs, at::Tensor& out,
                  const int32_t* table, const std::vector<int64_t>& tok_seq,
                  const std::vector<int64_t>& tok_pos, const std::vector<int64_t>& tiles,
-                 const Dims& s, float sc) {
+                 const Dims& s, float sc, int64_t window, float softcap) {
   if (kv_dt == at::kChar) {
-    dispatch<T, int8_t>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s, sc);
+    dispatch<T, int8_t>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s, sc, window,
+                        softcap);
   } else if (kv_dt == at::kFloat8_e4m3fn) {
     dispatch<T, c10::Float8_e4m3fn>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s,
-                                    sc);
+                                    sc, window, softcap);
   } else {
-    dispatch<T, T>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s, sc);
+    dispatch<T, T>(q, kc, vc, ks, vs, out, table, tok_seq, tok_pos, tiles, s, sc, window,
+                   softcap);
   }
 }
 
@@ -263,7 +313,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
                                const at::Tensor& v_cache, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                                double scale, const std::optional<at::Tensor>& k_scale,
-                               const std::optional<at::Tensor>& v_scale) {
+                               const std::optional<at::Tensor>& v_scale,
+                               std::optional<int64_t> window_opt,
+                               std::optional<double> softcap_opt) {
   const char* op = "infopt::paged_attention (CPU): ";
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
                   block_tables.device().is_cpu() && seq_lens.device().is_cpu() &&
@@ -293,6 +345,14 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
   TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && query_start_loc.dim() == 1 &&
                   query_start_loc.size(0) == batch + 1,
               op, "query_start_loc must be int32 [B + 1]");
+  TORCH_CHECK(!window_opt.has_value() || *window_opt >= 1, op,
+              "window must be None or an int >= 1, got ", window_opt.value_or(0));
+  TORCH_CHECK(!softcap_opt.has_value() || (std::isfinite(*softcap_opt) && *softcap_opt > 0.0), op,
+              "softcap must be None or a finite float > 0, got ", softcap_opt.value_or(0.0));
+  const int64_t window = window_opt.value_or(0);
+  const float softcap = static_cast<float>(softcap_opt.value_or(0.0));
+  TORCH_CHECK(!softcap_opt.has_value() || (std::isfinite(softcap) && softcap > 0.f), op,
+              "softcap ", *softcap_opt, " is not a positive finite float32");
 
   Dims s{};
   s.n = q_in.size(0);
@@ -331,8 +391,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
   TORCH_CHECK(starts[0] == 0 && starts[batch] == s.n, op,
               "query_start_loc must start at 0 and end at N = ", s.n);
 
-  // Per query token: its sequence and absolute position. Validates every block id it will read,
-  // so a bad table is an error here rather than an out-of-bounds read in the kernel.
+  // Per query token: its sequence and absolute position. Validates every block id it will read
+  // (from the first page holding a window key of the sequence's first query), so a bad table is
+  // an error here rather than an out-of-bounds read in the kernel.
   std::vector<int64_t> tok_seq(s.n), tok_pos(s.n), tiles{0};
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t len = lens[b], nq = starts[b + 1] - starts[b];
@@ -340,7 +401,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
                 ": need 0 <= query len (", nq, ") <= seq_len (", len,
                 ") <= max_blocks * block_size (", s.max_blocks * s.block_size, ")");
     if (nq == 0) continue;
-    for (int64_t p = 0; p < (len + s.block_size - 1) / s.block_size; ++p) {
+    const int64_t first_page =
+        window > 0 ? std::max<int64_t>(0, len - nq - window + 1) / s.block_size : 0;
+    for (int64_t p = first_page; p < (len + s.block_size - 1) / s.block_size; ++p) {
       const int32_t blk = table[b * s.max_blocks + p];
       TORCH_CHECK(blk >= 0 && blk < s.num_blocks, op, "sequence ", b, ": block id ", blk,
                   " out of range [0, ", s.num_blocks, ")");
@@ -361,15 +424,15 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
   switch (dt) {
     case at::kFloat:
       dispatch_kv<float>(kv_dt, q, k_cache, v_cache, ks, vs, out, table, tok_seq, tok_pos, tiles, s,
-                         sc);
+                         sc, window, softcap);
       break;
     case at::kBFloat16:
       dispatch_kv<c10::BFloat16>(kv_dt, q, k_cache, v_cache, ks, vs, out, table, tok_seq,
-                                 tok_pos, tiles, s, sc);
+                                 tok_pos, tiles, s, sc, window, softcap);
       break;
     case at::kHalf:
       dispatch_kv<c10::Half>(kv_dt, q, k_cache, v_cache, ks, vs, out, table, tok_seq, tok_pos,
-                             tiles, s, sc);
+                             tiles, s, sc, window, softcap);
       break;
     default: TORCH_CHECK(false, "unreachable");
   }

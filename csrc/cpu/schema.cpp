@@ -35,8 +35,10 @@ TORCH_LIBRARY(infopt, m) {
   // [N, Hq, D], k/v_cache [num_blocks, block_size, Hkv, D], block_tables int32 [B, max_blocks],
   // seq_lens int32 [B], query_start_loc int32 [B + 1]; causal, GQA; -> [N, Hq, D] in q.dtype.
   // int8 / float8_e4m3fn caches take k/v_scale float32 [num_blocks, block_size, Hkv].
+  // window (>= 1): query at position p sees keys p - window < j <= p only; softcap (> 0): scores
+  // become softcap * tanh(scale * q.k / softcap) before the softmax.
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables,"
       " Tensor seq_lens, Tensor query_start_loc, float scale, Tensor? k_scale=None,"
-      " Tensor? v_scale=None) -> Tensor");
+      " Tensor? v_scale=None, int? window=None, float? softcap=None) -> Tensor");
 }

@@ -60,11 +60,23 @@ def _int4_tiled_linear_fake(x, codes, meta, n, group_size, bias):
 
 
 def _paged_attention_fake(
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    k_scale=None,
+    v_scale=None,
+    window=None,
+    softcap=None,
 ):
     # Output: a fresh tensor shaped and typed like the packed queries [N, Hq, D].
     torch._check(q.dim() == 3, lambda: f"q must be [N, Hq, D], got {q.dim()}-D")
     torch._check(k_cache.dim() == 4, lambda: "k_cache must be [num_blocks, block_size, Hkv, D]")
+    torch._check(window is None or window >= 1, lambda: f"window must be >= 1, got {window}")
+    torch._check(softcap is None or softcap > 0, lambda: f"softcap must be > 0, got {softcap}")
     return q.new_empty(q.shape)
 
 

@@ -19,6 +19,18 @@ Quantized caches: ``k_cache``/``v_cache`` may be ``int8`` or ``float8_e4m3fn`` w
 of a cached element is ``float(stored) * scale``. Every backend dequantizes rows as it reads them
 (the reference dequantizes the gathered blocks).
 
+Sliding window (``window``, an int >= 1; None = full causal attention): the query at position
+``p`` attends to keys ``j`` with ``p - window < j <= p`` (``window`` keys, itself included; HF
+transformers' ``sliding_window_overlay`` convention). Keys before the window are never read: every
+backend starts its block loop at the first block holding a key of the window (and the reference
+gathers only the blocks it needs), so block-table entries whose blocks lie entirely before the
+earliest window start of a sequence's queries may hold anything (a freed block, 0, an
+out-of-range id).
+
+Logit soft-capping (``softcap``, a float > 0; None = off): scores become
+``softcap * tanh(scale * q.k / softcap)`` before the softmax (Gemma 2's
+``attn_logit_softcapping``, applied after the scale as in HF's eager Gemma 2 attention).
+
 GQA/MQA: ``Hq`` must be a multiple of ``Hkv``; query head ``h`` reads KV head ``h // (Hq / Hkv)``.
 The kernels process the ``Hq / Hkv`` query heads of one KV head together, so each KV tile is loaded
 once per group and never repeated in memory.
@@ -62,16 +74,20 @@ def paged_attention_prefill_reference(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Pure-torch oracle: gather each sequence's KV, then fp32 SDPA with a causal offset mask.
 
     q ``[N, Hq, D]``; k/v_cache ``[num_blocks, block_size, Hkv, D]``; block_tables ``int32 [B,
     max_blocks]``; seq_lens ``int32 [B]``; query_start_loc ``int32 [B + 1]``; k/v_scale ``float32
-    [num_blocks, block_size, Hkv]`` for int8/fp8 caches (gathered rows are multiplied by them).
-    Returns ``[N, Hq, D]`` in ``q.dtype``. Loops over sequences on the host (an oracle, not a fast
-    path).
+    [num_blocks, block_size, Hkv]`` for int8/fp8 caches (gathered rows are multiplied by them);
+    ``window`` / ``softcap`` as in the module docstring (only the blocks from the first one
+    holding a key of some query's window are gathered). Returns ``[N, Hq, D]`` in ``q.dtype``.
+    Loops over sequences on the host (an oracle, not a fast path).
     """
-    _check_values(q, k_cache, block_tables, seq_lens, query_start_loc)
+    window, softcap = _check_window_softcap(window, softcap)
+    _check_values(q, k_cache, block_tables, seq_lens, query_start_loc, window)
     block_size = k_cache.shape[1]
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     out = torch.zeros_like(q)
@@ -81,22 +97,33 @@ def paged_attention_prefill_reference(
         n = q1 - q0
         if n == 0:
             continue
-        blocks = block_tables[b, : -(-length // block_size)].long()
-        k = k_cache[blocks].reshape(-1, hkv, d)[:length].float()  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(-1, hkv, d)[:length].float()
+        first = _first_block(length, n, block_size, window)
+        start = first * block_size  # position of the first gathered key
+        blocks = block_tables[b, first : -(-length // block_size)].long()
+        k = k_cache[blocks].reshape(-1, hkv, d)[: length - start].float()  # [L', Hkv, D]
+        v = v_cache[blocks].reshape(-1, hkv, d)[: length - start].float()
         if k_scale is not None:
-            k = k * k_scale[blocks].reshape(-1, hkv)[:length, :, None]
-            v = v * v_scale[blocks].reshape(-1, hkv)[:length, :, None]
-        pos = torch.arange(length - n, length, device=q.device)
-        mask = torch.arange(length, device=q.device)[None, :] <= pos[:, None]  # [n, L]
-        o = F.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1).float()[None],  # [1, Hq, n, D]
-            k.transpose(0, 1).float()[None],  # [1, Hkv, L, D]
-            v.transpose(0, 1).float()[None],
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
+            k = k * k_scale[blocks].reshape(-1, hkv)[: length - start, :, None]
+            v = v * v_scale[blocks].reshape(-1, hkv)[: length - start, :, None]
+        pos = torch.arange(length - n, length, device=q.device)[:, None]  # [n, 1]
+        kpos = torch.arange(start, length, device=q.device)[None, :]  # [1, L']
+        mask = kpos <= pos  # [n, L']
+        if window is not None:
+            mask = mask & (kpos > pos - window)
+        qb = q[q0:q1].transpose(0, 1).float()[None]  # [1, Hq, n, D]
+        kb = k.transpose(0, 1)[None]  # [1, Hkv, L', D]
+        vb = v.transpose(0, 1)[None]
+        if softcap is None:
+            o = F.scaled_dot_product_attention(
+                qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        else:
+            group = q.shape[1] // hkv
+            kb, vb = kb.repeat_interleave(group, 1), vb.repeat_interleave(group, 1)
+            s = (qb @ kb.transpose(-1, -2)) * scale
+            s = torch.tanh(s / softcap) * softcap
+            s = s.masked_fill(~mask, float("-inf"))
+            o = torch.softmax(s, dim=-1) @ vb
         out[q0:q1] = o[0].transpose(0, 1).to(q.dtype)
     return out
 
@@ -110,10 +137,13 @@ def paged_attention_decode_reference(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode oracle: one query per sequence at its last position. q ``[B, Hq, D]`` -> same."""
+    qsl = _decode_qsl(seq_lens)
     return paged_attention_prefill_reference(
-        q, k_cache, v_cache, block_tables, seq_lens, _decode_qsl(seq_lens), scale, k_scale, v_scale
+        q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale, window, softcap
     )
 
 
@@ -121,8 +151,43 @@ def _decode_qsl(seq_lens: torch.Tensor) -> torch.Tensor:
     return torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
 
 
-def _check_values(q, k_cache, block_tables, seq_lens, query_start_loc) -> None:
-    """Host-side value checks (they sync): used by the reference; the C++ kernel has its own."""
+def _first_block(length: int, n: int, block_size: int, window: int | None) -> int:
+    """Index in the block table of the first block holding a key that one of a sequence's ``n``
+    queries (at positions ``length - n .. length - 1``) attends to; 0 without a window."""
+    if window is None:
+        return 0
+    return max(0, length - n - window + 1) // block_size
+
+
+def _check_window_softcap(window, softcap) -> tuple[int | None, float | None]:
+    """Validate ``window`` / ``softcap``; returns them normalized to ``int`` / ``float``."""
+    if window is not None:
+        if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1:
+            raise ValueError(
+                f"window must be None (full causal attention) or an int >= 1 (keys attended, "
+                f"the query's own included), got {window!r}"
+            )
+        window = int(window)
+    if softcap is not None:
+        if (
+            not isinstance(softcap, numbers.Real)
+            or isinstance(softcap, bool)
+            or not math.isfinite(softcap)
+            or softcap <= 0
+        ):
+            raise ValueError(
+                f"softcap must be None (no logit soft-capping) or a finite real number > 0, "
+                f"got {softcap!r}"
+            )
+        softcap = float(softcap)
+    return window, softcap
+
+
+def _check_values(q, k_cache, block_tables, seq_lens, query_start_loc, window=None) -> None:
+    """Host-side value checks (they sync): used by the reference; the C++ kernel has its own.
+
+    With a ``window``, table entries before a sequence's first needed block are not checked
+    (they are never read)."""
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     cap = block_tables.shape[1] * k_cache.shape[1]
@@ -135,7 +200,8 @@ def _check_values(q, k_cache, block_tables, seq_lens, query_start_loc) -> None:
                 f"sequence {b}: need 0 <= query len ({n}) <= seq_len ({length}) <= "
                 f"max_blocks * block_size ({cap})"
             )
-        used = block_tables[b, : -(-length // k_cache.shape[1])]
+        first = _first_block(length, n, k_cache.shape[1], window)
+        used = block_tables[b, first : -(-length // k_cache.shape[1])]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
             raise ValueError(f"sequence {b}: block id out of range [0, {k_cache.shape[0]})")
 
@@ -144,8 +210,19 @@ QUANT_CACHE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def _validate(
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale
-) -> None:
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    k_scale,
+    v_scale,
+    window=None,
+    softcap=None,
+) -> tuple[int | None, float | None]:
+    """Type/shape checks (no sync); returns ``(window, softcap)`` normalized."""
     for name, t in (
         ("q", q),
         ("k_cache", k_cache),
@@ -211,10 +288,21 @@ def _validate(
         )
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    return _check_window_softcap(window, softcap)
 
 
 def _kernel_supports(
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    k_scale=None,
+    v_scale=None,
+    window=None,
+    softcap=None,
 ):
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} unsupported (kernels take float32, bfloat16, float16)"
@@ -233,10 +321,30 @@ def _kernel_supports(
 
 
 def _paged_attention_op(
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    k_scale=None,
+    v_scale=None,
+    window=None,
+    softcap=None,
 ):
     return torch.ops.infopt.paged_attention.default(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, float(scale), k_scale, v_scale
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        float(scale),
+        k_scale,
+        v_scale,
+        window,
+        softcap,
     )
 
 
@@ -254,7 +362,17 @@ def _triton_probe(device_type: str) -> str | None:
 
 
 def _paged_attention_triton(
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    k_scale=None,
+    v_scale=None,
+    window=None,
+    softcap=None,
 ):
     """One program per (query token, KV head); see the kernel for the loop structure."""
     import triton
@@ -313,6 +431,8 @@ def _paged_attention_triton(
             bt.stride(0),
             hkv,
             float(scale),
+            window if window is not None else 0,
+            float(softcap) if softcap is not None else 1.0,
             GROUP=group,
             GROUP_P=max(triton.next_power_of_2(group), 1),
             D=d,
@@ -320,6 +440,8 @@ def _paged_attention_triton(
             BLOCK_SIZE=block_size,
             QUANT=quant,
             FP8=k_cache.dtype == torch.uint8,
+            SLIDING=window is not None,
+            SOFTCAP=softcap is not None,
             num_warps=4,
         )
     return out.to(q.dtype) if soft else out
@@ -332,12 +454,8 @@ _IMPLS = {
 register_op("paged_attention_prefill", paged_attention_prefill_reference, _IMPLS)
 
 
-def _decode_ref_packed(
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None
-):
-    return paged_attention_prefill_reference(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale
-    )
+def _decode_ref_packed(*args):
+    return paged_attention_prefill_reference(*args)
 
 
 # Decode shares the varlen kernels (n_b == 1); registered separately so reports show each use.
@@ -355,6 +473,8 @@ def paged_attention_prefill(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     backend: Backend | str | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of packed queries over a paged KV cache (see the module docstring).
@@ -370,13 +490,22 @@ def paged_attention_prefill(
         scale: softmax scale (usually ``D ** -0.5``).
         k_scale, v_scale: ``float32 [num_blocks, block_size, Hkv]`` per-token, per-head scales of
             a quantized cache (required for int8/fp8 caches, rejected otherwise).
+        window: sliding window: the query at position ``p`` attends to keys ``p - window < j <=
+            p`` only (``window`` keys, itself included); None = full causal attention. Table
+            entries of blocks entirely before the earliest window start are never read.
+        softcap: logit soft-cap: scores become ``softcap * tanh(scale * q.k / softcap)`` before
+            the softmax (Gemma 2); None = off.
         backend: per-call backend override (see :mod:`infopt.ops`).
 
     Returns:
         ``[N, Hq, D]`` in ``q.dtype``.
     """
-    _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
-    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
+    qsl = query_start_loc
+    window, softcap = _validate(
+        q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale, window, softcap
+    )
+    args = (q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale)
+    args += (window, softcap)
     _, fn = select_backend("paged_attention_prefill", q.device, args, backend)
     return fn(*args)
 
@@ -391,13 +520,16 @@ def paged_attention_decode(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     backend: Backend | str | None = None,
 ) -> torch.Tensor:
     """One query per sequence at its last cached position (``seq_lens[b] - 1``).
 
     q ``[B, Hq, D]``; k/v_cache ``[num_blocks, block_size, Hkv, D]`` (or int8/fp8 with k/v_scale
     ``float32 [num_blocks, block_size, Hkv]``); block_tables ``int32 [B, max_blocks]``; seq_lens
-    ``int32 [B]`` (each ``>= 1``). Returns ``[B, Hq, D]`` in ``q.dtype``.
+    ``int32 [B]`` (each ``>= 1``); ``window`` / ``softcap`` as in
+    :func:`paged_attention_prefill`. Returns ``[B, Hq, D]`` in ``q.dtype``.
     """
     if isinstance(seq_lens, torch.Tensor) and isinstance(q, torch.Tensor):
         if q.dim() == 3 and seq_lens.dim() == 1 and q.shape[0] != seq_lens.shape[0]:
@@ -405,7 +537,10 @@ def paged_attention_decode(
         qsl = _decode_qsl(seq_lens)
     else:
         qsl = seq_lens  # let _validate name the bad argument
-    _validate(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale)
+    window, softcap = _validate(
+        q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale, window, softcap
+    )
     args = (q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, k_scale, v_scale)
+    args += (window, softcap)
     _, fn = select_backend("paged_attention_decode", q.device, args, backend)
     return fn(*args)

@@ -11,6 +11,11 @@ bandwidth-bound anyway.
 Quantized caches (``QUANT``): K/V rows are int8 or float8_e4m3fn with one fp32 scale per (token,
 KV head) in ``ks_ptr``/``vs_ptr`` (``[num_blocks, BLOCK_SIZE, Hkv]`` contiguous); rows are scaled
 as they are loaded. fp8 arrives as raw bytes (``FP8``) and is decoded by :func:`_e4m3_to_f32`.
+
+Sliding window (``SLIDING``, ``window`` keys): the loop starts at the page holding the query's
+first window key, so pages before it are never read (their table entries may be stale), and keys
+of that page before the window are masked. Soft-capping (``SOFTCAP``): scores become
+``softcap * tanh(score / softcap)`` (score already scaled), with :func:`_tanh`.
 """
 
 import triton
@@ -30,6 +35,23 @@ def _e4m3_to_f32(bits):
     val = tl.where(e == 0, sub, normal)
     val = tl.where((b & 0x7F) == 0x7F, float("nan"), val)
     return sign * val
+
+
+@triton.jit
+def _tanh(x):
+    """fp32 tanh from ``tl.exp`` (``tl`` has none that the interpreter and every GPU share):
+    Cephes' odd polynomial for ``|x| < 0.625`` (no cancellation near 0), else
+    ``1 - 2 / (exp(2|x|) + 1)`` (``exp`` overflowing to inf gives exactly 1)."""
+    a = tl.abs(x)
+    z = x * x
+    small = (
+        (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1)
+        * z
+        - 3.33332819422e-1
+    ) * z * x + x
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(a < 0.625, small, big)
 
 
 @triton.jit
@@ -68,6 +90,8 @@ def paged_attention_kernel(
     stride_bt,
     HKV,
     scale,
+    window,  # keys per query window (read only when SLIDING)
+    softcap,  # logit cap (read only when SOFTCAP)
     GROUP: tl.constexpr,
     GROUP_P: tl.constexpr,
     D: tl.constexpr,
@@ -75,6 +99,8 @@ def paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     QUANT: tl.constexpr,
     FP8: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -97,16 +123,24 @@ def paged_attention_kernel(
     acc = tl.zeros([GROUP_P, D_P], dtype=tl.float32)
     t = tl.arange(0, BLOCK_SIZE)
     num_pages = tl.cdiv(kv_len, BLOCK_SIZE)
-    for p in range(0, num_pages):
+    if SLIDING:
+        lo = tl.maximum(kv_len - window, 0)  # first key in the window
+    else:
+        lo = 0
+    for p in range(lo // BLOCK_SIZE, num_pages):
         blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
         tmask = p * BLOCK_SIZE + t < kv_len
+        if SLIDING:
+            tmask = tmask & (p * BLOCK_SIZE + t >= lo)
         kvmask = tmask[:, None] & dmask[None, :]
         sc_off = (blk * BLOCK_SIZE + t) * HKV + kvh
         k_off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
         k = _load_rows(k_ptr, k_off, kvmask, ks_ptr, sc_off, tmask, QUANT, FP8)  # [BLOCK_SIZE, D_P]
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_P, BLOCK_SIZE]
+        if SOFTCAP:
+            s = softcap * _tanh(s / softcap)
         s = tl.where(tmask[None, :], s, float("-inf"))
-        # Page 0 always holds token 0 (kv_len >= 1), so m_new is finite from the first page on.
+        # The first page holds key lo (lo <= kv_len - 1), so m_new is finite from it on.
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         pr = tl.exp(s - m_new[:, None])
