@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ from .sampler import Sampler
 from .scheduler import Scheduler
 
 __all__ = ["Engine", "EngineStats"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,8 @@ class Engine:
         self._pending: list[Request] = []
         self._pending_aborts: list[str] = []
         self._failed: list[Request] = []
-        self._subscribers: dict[str, queue.Queue[RequestOutput]] = {}
+        # request id -> callback receiving each snapshot (called on the stepping thread)
+        self._subscribers: dict[str, Callable[[RequestOutput], None]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._loop_error: BaseException | None = None
@@ -143,28 +147,36 @@ class Engine:
         *,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
     ) -> str:
         """Queue one request; returns its id. Thread-safe.
+
+        ``on_output``, if given, receives every snapshot of this request (new tokens, then the
+        finished one) on the thread that runs the steps: keep it short (e.g. hand the output
+        to an asyncio loop with ``call_soon_threadsafe``).
 
         Raises ``ValueError`` (nothing queued) for a bad prompt or sampling parameters, a prompt
         that does not fit ``max_model_len`` or the whole KV pool, or a duplicate ``request_id``.
         """
-        return self._add(prompt, sampling, request_id, arrival_time)[0]
+        return self._add(prompt, sampling, request_id, arrival_time, on_output)[0]
 
-    def _add(self, prompt, sampling, request_id=None, arrival_time=None, subscribe=False):
+    def _add(self, prompt, sampling, request_id=None, arrival_time=None, on_output=None,
+             subscribe=False):
         sampling = sampling if sampling is not None else SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         ids = self._tokenize(prompt)
         self._check_fits(ids, sampling)
         sub: queue.Queue[RequestOutput] | None = queue.Queue() if subscribe else None
+        if sub is not None:
+            on_output = sub.put
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self.requests or any(r.request_id == rid for r in self._pending):
                 raise ValueError(f"request_id {rid!r} is already in use")
             req = Request(rid, ids, sampling, arrival_time)
-            if sub is not None:  # before the loop can see the request: no output is missed
-                self._subscribers[rid] = sub
+            if on_output is not None:  # before the loop can see the request: nothing missed
+                self._subscribers[rid] = on_output
             self._pending.append(req)
             self._wake.notify()
         return rid, sub
@@ -282,7 +294,12 @@ class Engine:
             req.text = self._decode(req.output_token_ids)  # streamed text follows the tokens
         out = req.snapshot()
         if sub is not None:
-            sub.put(out)
+            try:
+                sub(out)
+            except Exception:  # a broken consumer must not stop the other requests
+                _log.exception("on_output callback of %s failed; aborting it", req.request_id)
+                if not req.finished:
+                    self.abort(req.request_id)
         if req.finished:
             # Finished requests leave the table once reported (the caller holds the output).
             self.requests.pop(req.request_id, None)
