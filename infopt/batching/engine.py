@@ -59,7 +59,7 @@ class EngineStats:
 class Engine:
     """Args:
     model: a transformers causal LM (possibly quantized by ``wrap_model(quant=...)``). The
-        engine switches its attention implementation to ``"infopt_engine"`` (plain forwards
+        engine switches its attention implementation to ``"infopt_paged"`` (plain forwards
         still run HF's sdpa).
     tokenizer: used to encode string prompts, decode outputs and find EOS; ``None`` allows
         token-id prompts only (``text`` stays empty, stop strings are refused).

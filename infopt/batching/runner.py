@@ -2,7 +2,7 @@
 
 The plan's flat ragged batch becomes ``input_ids`` / ``position_ids`` ``[1, N]`` (no padding);
 the slot mapping, block tables, sequence lengths and query offsets go into a
-:class:`~infopt.batching.attention.ForwardContext` that the registered attention function
+:class:`~infopt.kvcache.forward.ForwardContext` that the ``"infopt_paged"`` attention function
 reads; ``logits_to_keep`` asks the model for the sampled rows only.
 """
 
@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from ..kvcache.config import KVConfig
+from ..kvcache.forward import ForwardContext, forward_context
+from ..kvcache.hf import ATTN_NAME, register
 from ..kvcache.pool import KVPool
-from .attention import ATTN_NAME, ForwardContext, forward_context, register
 from .params import EngineConfig
 from .plan import StepPlan
 
@@ -98,12 +99,6 @@ class ModelRunner:
         cfg = text_config(model)
         if getattr(cfg, "is_encoder_decoder", False):
             raise NotImplementedError(f"{type(model).__name__}: encoder-decoder models")
-        if model.config._attn_implementation == "infopt_paged":
-            raise ValueError(
-                "this model was wrapped with kv=...: the engine manages its own paged KV cache; "
-                "pass the engine a model without the kv option (EngineConfig sets block size, "
-                "pool size, KV dtype and prefix caching)"
-            )
         self.model = model
         self.windows = layer_windows(model)
         register()

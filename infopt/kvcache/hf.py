@@ -23,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from .. import ops
 from .cache import PagedCache, get_paged_layer
 from .config import KVConfig
+from .forward import current_context, plan_attention
 from .pool import KVPool
 
 __all__ = [
@@ -99,9 +100,18 @@ def paged_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """HF attention-interface function. query ``[B, Hq, T, D]``; key/value either a
-    :class:`PagedCache` layer's pools (paged path) or ordinary ``[B, Hkv, S, D]`` states (HF
-    ``sdpa``). Returns ``([B, T, Hq, D], None)`` like every HF attention function."""
+    """HF attention-interface function. Three cases, checked in this order:
+
+    * a :class:`~infopt.kvcache.forward.ForwardContext` is set (a model runner's step over a
+      flat ragged batch): :func:`~infopt.kvcache.forward.plan_attention` with the plan;
+    * key/value are a :class:`PagedCache` layer's pools: the cache's own plan;
+    * ordinary ``[B, Hkv, S, D]`` states: HF ``sdpa``.
+
+    query ``[B, Hq, T, D]``. Returns ``([B, T, Hq, D], None)`` like every HF attention function.
+    """
+    ctx = current_context()
+    if ctx is not None:
+        return plan_attention(ctx, module, query, key, value, dropout, scaling, **kwargs)
     layer = get_paged_layer(key)
     if layer is None:
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -183,8 +193,15 @@ def _check_features(module: torch.nn.Module, dropout: float, kwargs: dict) -> No
 def register() -> None:
     """Register ``"infopt_paged"`` with transformers' attention and mask interfaces (idempotent)."""
     AttentionInterface.register(ATTN_NAME, paged_attention_forward)
-    # Same 4-D boolean mask as sdpa, so the non-paged fallback is exactly HF sdpa.
-    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    # Same 4-D boolean mask as sdpa, so the non-paged fallback is exactly HF sdpa; none at all
+    # under a forward context (the plan carries the causal structure, no [N, N] mask is built).
+    AttentionMaskInterface.register(ATTN_NAME, _paged_mask)
+
+
+def _paged_mask(*args: Any, **kwargs: Any) -> Any:
+    if current_context() is not None:
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
 
 def _check_model(model: Any) -> None:

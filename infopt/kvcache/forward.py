@@ -1,16 +1,13 @@
-"""The engine's attention function for transformers models, and the forward context it reads.
+"""Plan-driven paged attention: the forward context a model runner sets around one forward.
 
-The model runner sets a :class:`ForwardContext` (the step's slot mapping, block tables,
-sequence lengths and query offsets as tensors, plus the KV pool) around one forward of the HF
-model over a flat ragged batch ``[1, N]``. Every attention layer, dispatched by transformers'
-``AttentionInterface`` to :func:`engine_attention_forward`, writes its new K/V into the pool at
-the planned slots and attends through :func:`infopt.ops.paged_attention_prefill`. Nothing is
-reconstructed from HF's masks: the mask function registered for this implementation returns
-``None`` while a context is set (so HF builds no ``[N, N]`` mask), and HF's own ``sdpa`` mask
-otherwise.
-
-Outside a context (a plain ``model(...)`` call on a model the engine uses, e.g. perplexity) the
-function is exactly HF's ``sdpa``.
+A model runner (the batching engine's) sets a :class:`ForwardContext` (the step's slot mapping,
+block tables, sequence lengths and query offsets as tensors, plus the KV pool) around one
+forward of the HF model over a flat ragged batch ``[1, N]``. The ``"infopt_paged"`` attention
+function (:mod:`infopt.kvcache.hf`) sees the context and calls :func:`plan_attention`: each
+layer writes its new K/V into the pool at the planned slots and attends through
+:func:`infopt.ops.paged_attention_prefill`. Nothing is reconstructed from HF's masks: the mask
+function registered for ``"infopt_paged"`` returns ``None`` while a context is set, so HF
+builds no ``[N, N]`` mask.
 """
 
 from __future__ import annotations
@@ -22,15 +19,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .. import ops
-from ..kvcache.pool import KVPool
+from .pool import KVPool
 
-__all__ = ["ATTN_NAME", "ForwardContext", "forward_context", "register"]
-
-ATTN_NAME = "infopt_engine"
+__all__ = ["ForwardContext", "current_context", "forward_context", "plan_attention"]
 
 _LOCAL = threading.local()
 
@@ -66,27 +59,20 @@ def forward_context(ctx: ForwardContext) -> Iterator[None]:
         _LOCAL.ctx = prev
 
 
-def engine_attention_forward(
+def plan_attention(
+    ctx: ForwardContext,
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """HF attention-interface function. query ``[1, Hq, N, D]``, key/value ``[1, Hkv, N, D]``
-    (this step's tokens, RoPE applied). Returns ``([1, N, Hq, D], None)``."""
-    ctx = current_context()
-    if ctx is None:
-        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        if softcap is not None:
-            raise NotImplementedError("attention logit soft-capping has no sdpa fallback")
-        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                    sliding_window=sliding_window, **kwargs)
+    """One layer's attention under ``ctx``. query ``[1, Hq, N, D]``, key/value
+    ``[1, Hkv, N, D]`` (this step's tokens, RoPE applied). Returns ``([1, N, Hq, D], None)``."""
     for name in ("s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"the infopt engine does not support attention {name!r}")
@@ -132,15 +118,3 @@ def engine_attention_forward(
         **extra,
     )
     return out.to(query.dtype).unsqueeze(0), None
-
-
-def _engine_mask(*args: Any, **kwargs: Any) -> Any:
-    if current_context() is not None:
-        return None  # the plan carries the causal structure; no [N, N] mask is built
-    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
-
-
-def register() -> None:
-    """Register ``"infopt_engine"`` with transformers' attention and mask interfaces."""
-    AttentionInterface.register(ATTN_NAME, engine_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, _engine_mask)
