@@ -407,3 +407,19 @@ def test_tune_batch_sweeps_and_picks_within_bound(models):
     assert tight.pick is None and not tight.rows[0].meets_bound
     with pytest.raises(ValueError, match="tpot_bound_s"):
         tune_batch(model, None, prompts_of([5]), 3, tpot_bound_s=0)
+
+
+def test_prefix_hit_reuses_all_but_the_last_token_through_a_block_copy(models):
+    model, ref = models
+    engine = Engine(model, None, EngineConfig(block_size=4, num_blocks=32,
+                                              enable_prefix_caching=True))
+    p = prompts_of([16])[0]  # four full blocks
+    sp = SamplingParams(max_tokens=6, min_tokens=6, temperature=0)
+    first = engine.generate([p], sp, use_tqdm=False)[0]
+    again = engine.generate([p, p[:10]], sp, use_tqdm=False)
+    assert again[0].metrics.num_cached_tokens == 15  # the last block is shared, then copied
+    assert again[1].metrics.num_cached_tokens == 8  # two full blocks of the 10-token prompt
+    assert first.token_ids == again[0].token_ids == tuple(hf_greedy(ref, p, 6))
+    assert list(again[1].token_ids) == hf_greedy(ref, p[:10], 6)
+    alloc = engine.runner.pool.allocator
+    assert alloc.num_free == 32 and alloc.stats.hit_tokens == 23

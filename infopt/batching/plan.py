@@ -35,6 +35,8 @@ class StepPlan:
         layer_windows: ``[num_layers]`` sliding window of each layer (``None``: full attention).
         preempted: requests preempted while planning this step (their K/V dropped).
         num_cached_tokens: prompt tokens newly served by the prefix cache this step.
+        block_copies: ``(src, dst)`` block copies to apply to every layer before the forward
+            (a prefix hit that ends inside a cached block continues in a private copy).
     """
 
     request_ids: list[str]
@@ -50,6 +52,7 @@ class StepPlan:
     layer_windows: tuple[int | None, ...] = ()
     preempted: list[str] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
+    block_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

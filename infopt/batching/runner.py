@@ -172,6 +172,8 @@ class ModelRunner:
             layer_windows=plan.layer_windows,
         )
         keep = torch.tensor(plan.sample_rows, dtype=torch.long, device=dev)
+        if plan.block_copies:
+            self.pool.copy_blocks(plan.block_copies)
         with forward_context(ctx):
             if self._logits_to_keep:
                 out = self.model(input_ids=ids, position_ids=pos, use_cache=False,

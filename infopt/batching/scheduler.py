@@ -150,6 +150,7 @@ class Scheduler:
                 scheduled[req.request_id] = (req, n)
                 budget -= n
         cached = 0
+        copies: list[tuple[int, int]] = []
         while (
             not preempted
             and self.waiting
@@ -158,9 +159,13 @@ class Scheduler:
         ):
             req = self.waiting[0]
             hit = self._prefix_hit(req)
-            hit_tokens = len(hit) * self.block_size
+            # Reuse every cached token but the last (its logits are needed); a reuse that ends
+            # inside a block shares it until the first write, which goes to a private copy.
+            hit_tokens = min(len(hit) * self.block_size, req.num_tokens - 1)
+            hit = hit[: -(-hit_tokens // self.block_size)]
+            partial = hit_tokens % self.block_size != 0
             n = min(req.num_tokens - hit_tokens, budget)
-            need = -(-(hit_tokens + n) // self.block_size) - len(hit)
+            need = -(-(hit_tokens + n) // self.block_size) - len(hit) + partial
             revived = sum(1 for b in hit if self.allocator.refcount[b] == 0)
             if need > self.allocator.num_free - revived:
                 break  # admission waits for blocks
@@ -175,7 +180,12 @@ class Scheduler:
                     hit_tokens, len(req.prompt_token_ids)
                 )
             req.blocks = list(hit)
-            req.num_registered_blocks = len(hit)
+            if partial:
+                (dst,) = self.allocator.allocate(1)
+                copies.append((hit[-1], dst))
+                self.allocator.free([hit[-1]])
+                req.blocks[-1] = dst
+            req.num_registered_blocks = hit_tokens // self.block_size
             req.num_computed_tokens = hit_tokens
             if req.metrics.num_preemptions == 0:
                 req.metrics.num_cached_tokens = hit_tokens
@@ -194,16 +204,16 @@ class Scheduler:
         plan = self._build_plan(list(scheduled.values()))
         plan.preempted = preempted
         plan.num_cached_tokens = cached
+        plan.block_copies = copies
         return plan, impossible
 
     def _prefix_hit(self, req: Request) -> list[int]:
-        """Cached blocks for the longest full-block prefix of ``req``'s tokens, leaving at least
-        one token to compute (its logits are needed). No references taken."""
+        """Cached blocks of the longest full-block prefix of ``req``'s tokens (no references
+        taken)."""
         if not self.prefix_caching:
             return []
         self._extend_hashes(req)
-        usable = (req.num_tokens - 1) // self.block_size
-        return self.allocator.match(req.block_hashes[:usable])  # type: ignore[attr-defined]
+        return self.allocator.match(req.block_hashes)  # type: ignore[attr-defined]
 
     def _extend_hashes(self, req: Request) -> None:
         # The same chain as infopt.kvcache.prefix.block_hashes, extended incrementally.
