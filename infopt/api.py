@@ -39,7 +39,10 @@ _HANDLERS: dict[type[InfoptConfig], Handler] = {}
 
 # The technique packages register their options on import. They are imported on first use of
 # the registry, not by ``import infopt``, which keeps the top-level import cheap.
-_BUILTIN_OPTION_MODULES = ("infopt.quant", "infopt.kvcache", "infopt.speculative")
+# infopt.batching registers the kv handler: generate on a kv-wrapped model runs on the engine.
+_BUILTIN_OPTION_MODULES = (
+    "infopt.quant", "infopt.kvcache", "infopt.batching", "infopt.speculative"
+)
 _builtins_loaded = False
 _APPLY_ORDER = ("quant", "kv", "spec")
 

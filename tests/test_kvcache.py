@@ -208,9 +208,11 @@ def test_qwen2_bias_gqa_identity():
 def test_unsupported_models_fail_clearly():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         enable_paged(torch.nn.Linear(2, 2))
+    # The PagedCache layer runs full attention only (wrap_model(kv=...) runs windowed and
+    # hybrid models on the engine: tests/test_batching_models.py).
     model = tiny_llama(layer_types=["full_attention", "sliding_attention"], sliding_window=8)
     with pytest.raises(NotImplementedError, match="sliding_attention"):
-        infopt.wrap_model(model, kv="paged")
+        enable_paged(model)
     # A cache used without the paged attention function is detected, not silently misused.
     model = tiny_llama()
     cache = PagedCache.from_model(model)

@@ -14,6 +14,7 @@ a token budget. See ``docs/batching.md``.
 from __future__ import annotations
 
 from .engine import Engine, EngineStats
+from .hf_generate import enable_engine_generate, model_engine  # registers the kv handler
 from .params import EngineConfig, SamplingParams
 from .plan import StepPlan
 from .request import FinishReason, RequestMetrics, RequestOutput, TokenLogprobs
@@ -34,5 +35,7 @@ __all__ = [
     "Scheduler",
     "StepPlan",
     "TokenLogprobs",
+    "enable_engine_generate",
     "layer_windows",
+    "model_engine",
 ]

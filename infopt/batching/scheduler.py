@@ -175,10 +175,11 @@ class Scheduler:
                 self.allocator.stats.hit_tokens += hit_tokens  # type: ignore[attr-defined]
             if self.prefix_caching:
                 stats = self.allocator.stats  # type: ignore[attr-defined]
+                n_prompt = len(req.prompt_token_ids)
                 stats.requests += 1
-                stats.miss_tokens += len(req.prompt_token_ids) - min(
-                    hit_tokens, len(req.prompt_token_ids)
-                )
+                stats.miss_tokens += n_prompt - min(hit_tokens, n_prompt)
+                stats.hit_blocks += len(hit)
+                stats.miss_blocks += max(0, -(-n_prompt // self.block_size) - len(hit))
             req.blocks = list(hit)
             if partial:
                 (dst,) = self.allocator.allocate(1)

@@ -19,7 +19,7 @@ rows. See ``docs/kvcache.md``.
 
 from __future__ import annotations
 
-from ..api import register_handler, register_option
+from ..api import register_option
 from ..bench.configs import BenchConfig, register_bench_config
 from .allocator import BlockAllocator, BlockManager, OutOfBlocksError, SequenceBlocks, SlotPlan
 from .cache import PagedCache, PagedLayer
@@ -76,8 +76,3 @@ for _name, _desc in (
         BenchConfig(_name, _desc, wrap_options={"kv": _name}, quality=_quality_through_cache),
         overwrite=True,
     )
-
-
-@register_handler(KVConfig)
-def _apply_kv(model, config: KVConfig):
-    return enable_paged(model, config)

@@ -32,6 +32,7 @@ __all__ = [
     "disable_paged",
     "enable_paged",
     "model_pool",
+    "paged_cache_generate",
     "register",
 ]
 
@@ -267,12 +268,7 @@ def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-            hint = _tokens_hint(model, config, args, kwargs)
-            if config.prefix_caching:
-                return _generate_prefix_cached(model, original, config, hint, args, kwargs)
-            kwargs["past_key_values"] = PagedCache.from_model(model, config, tokens_hint=hint)
-        return original(*args, **kwargs)
+        return paged_cache_generate(model, original, config, args, kwargs)
 
     model.generate = generate  # instance attribute: shadows the class method for this model only
     setattr(model, _ORIG_ATTR, (original, old_impl))
@@ -280,6 +276,18 @@ def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
     if hasattr(model, _POOL_ATTR):  # a pool built for an earlier config
         delattr(model, _POOL_ATTR)
     return model
+
+
+def paged_cache_generate(model: Any, original: Any, config: KVConfig, args: tuple,
+                         kwargs: dict) -> Any:
+    """HF's own ``generate`` (``original``) on a fresh :class:`PagedCache` (or the model's
+    persistent pool with prefix caching), unless the caller brought a cache or disabled it."""
+    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+        hint = _tokens_hint(model, config, args, kwargs)
+        if config.prefix_caching:
+            return _generate_prefix_cached(model, original, config, hint, args, kwargs)
+        kwargs["past_key_values"] = PagedCache.from_model(model, config, tokens_hint=hint)
+    return original(*args, **kwargs)
 
 
 def model_pool(model: Any, config: KVConfig, tokens_hint: int | None = None) -> KVPool:
@@ -370,6 +378,7 @@ def disable_paged(model: Any) -> Any:
     model.set_attn_implementation(previous[1])
     delattr(model, _ORIG_ATTR)
     del model._infopt_kv_config
-    if hasattr(model, _POOL_ATTR):
-        delattr(model, _POOL_ATTR)
+    for attr in (_POOL_ATTR, "_infopt_kv_engine"):  # the engine's, when generate ran on one
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
