@@ -34,6 +34,7 @@ from .request import FinishReason, Request, RequestOutput, RequestStatus
 from .runner import ModelRunner, text_config
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .spec import build_proposer, verify
 
 __all__ = ["Engine", "EngineStats"]
 
@@ -86,6 +87,7 @@ class Engine:
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
         self.scheduler = Scheduler(config, self.runner.pool.allocator, self.runner.windows)
+        self.proposer = build_proposer(config.speculative) if config.speculative else None
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -234,21 +236,63 @@ class Engine:
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
         logits = self.runner.execute(plan)
-        self.scheduler.on_step_done(plan, self.requests)
-        reqs = [self.requests[rid] for rid in plan.sample_request_ids]
-        tokens = self.sampler(logits, reqs)
+        emitted, rejected = self._sample(plan, logits)
+        self.scheduler.on_step_done(plan, self.requests, rejected)
         now = time.monotonic()
         self.num_steps += 1
-        for req, tok in zip(reqs, tokens):
-            req.output_token_ids.append(tok)
-            self.num_generated += 1
-            m = req.metrics
-            m.num_generated += 1
-            if m.first_token_time is None:
-                m.first_token_time = now
-            m.last_token_time = now
-            self._check_stop(req, tok)
+        for req, toks in emitted:
+            for tok in toks:
+                req.output_token_ids.append(tok)
+                self.num_generated += 1
+                m = req.metrics
+                m.num_generated += 1
+                if m.first_token_time is None:
+                    m.first_token_time = now
+                m.last_token_time = now
+                self._check_stop(req, tok)
+                if req.finished:  # tokens after a stop are dropped
+                    break
             touched[req.request_id] = req
+        self._propose()
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor):
+        """``[(request, emitted tokens)]`` in plan order and ``{request: rejected drafts}``."""
+        plain = [i for i, rid in enumerate(plan.sample_request_ids)
+                 if rid not in plan.spec_drafts]
+        reqs = [self.requests[plan.sample_request_ids[i]] for i in plain]
+        tokens = self.sampler(logits[plain] if len(plain) < len(logits) else logits, reqs)
+        out = {req.request_id: (req, [tok]) for req, tok in zip(reqs, tokens)}
+        rejected: dict[str, int] = {}
+        row = 0
+        ids = plan.sample_request_ids
+        while row < len(ids):
+            rid = ids[row]
+            drafts = plan.spec_drafts.get(rid)
+            if drafts is None:
+                row += 1
+                continue
+            req = self.requests[rid]
+            toks = verify(self.sampler, logits[row : row + len(drafts) + 1], req, drafts)
+            rejected[rid] = len(drafts) + 1 - len(toks)
+            req.metrics.num_draft_tokens += len(drafts)
+            req.metrics.num_accepted_tokens += len(toks) - 1
+            out[rid] = (req, toks)
+            row += len(drafts) + 1
+        return [out[rid] for rid in dict.fromkeys(ids)], rejected
+
+    def _propose(self) -> None:
+        """Drafts for the next step of every decoding request (none in a large batch)."""
+        if self.proposer is None:
+            return
+        running = self.scheduler.running
+        if len(running) > self.config.spec_disable_batch_size:
+            return
+        for req in running:
+            if req.num_tokens - req.num_computed_tokens != 1:
+                continue  # still prefilling
+            room = min(req.sampling.max_tokens - len(req.output_token_ids),
+                       self.max_model_len - req.num_tokens) - 1
+            req.spec_token_ids = self.proposer.propose(req, room)
 
     def _check_stop(self, req: Request, tok: int) -> None:
         sp = req.sampling

@@ -125,6 +125,11 @@ class EngineConfig:
             with the same token prefix (their prefill skips those tokens).
         kv_cache_dtype: ``"auto"`` (the model's dtype), ``"int8"`` or ``"fp8"`` (per-token,
             per-head scales; see :mod:`infopt.kvcache.kvquant`).
+        speculative: a ``wrap_model(spec=...)`` config whose proposer drafts tokens for the
+            decoding requests (``PromptLookupConfig``; see :mod:`infopt.batching.spec`), or
+            ``None``.
+        spec_disable_batch_size: no drafts in a step where more requests than this are running
+            (a full batch gains nothing from verifying guesses).
     """
 
     max_num_seqs: int = 64
@@ -135,6 +140,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = False
     kv_cache_dtype: str = "auto"
+    speculative: Any = None
+    spec_disable_batch_size: int = 4
 
     def __post_init__(self) -> None:
         o = "EngineConfig"
@@ -154,6 +161,14 @@ class EngineConfig:
             raise ValueError(
                 f"{o}.enable_prefix_caching must be True or False, got "
                 f"{self.enable_prefix_caching!r}"
+            )
+        _check_int(o, "spec_disable_batch_size", self.spec_disable_batch_size, lo=1)
+        if self.speculative is not None and type(self.speculative).__name__ not in (
+            "PromptLookupConfig", "DraftModelConfig", "LayerSkipConfig"
+        ):
+            raise ValueError(
+                f"{o}.speculative must be None or a wrap_model(spec=...) config "
+                f"(PromptLookupConfig), got {type(self.speculative).__name__}"
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(

@@ -30,11 +30,13 @@ class StepPlan:
             Blocks that no layer's sliding window reaches any more hold ``0`` (never read).
         sample_rows: ``[S]`` flat rows whose logits are sampled: the last token of each sequence
             whose step reaches the end of its known tokens (a prefill chunk that does not
-            finish the prompt samples nothing).
+            finish the prompt samples nothing), and every row of a speculating request.
         sample_request_ids: ``[S]`` the request of each sampled row.
         layer_windows: ``[num_layers]`` sliding window of each layer (``None``: full attention).
         preempted: requests preempted while planning this step (their K/V dropped).
         num_cached_tokens: prompt tokens newly served by the prefix cache this step.
+        spec_drafts: draft tokens per speculating request; its sampled rows are its last real
+            token's and each draft's (``k + 1`` consecutive rows) and are verified together.
         block_copies: ``(src, dst)`` block copies to apply to every layer before the forward
             (a prefix hit that ends inside a cached block continues in a private copy).
     """
@@ -53,6 +55,7 @@ class StepPlan:
     preempted: list[str] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
     block_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    spec_drafts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

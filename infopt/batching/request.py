@@ -47,6 +47,8 @@ class RequestMetrics:
     num_generated: int = 0
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    num_draft_tokens: int = 0  # speculative drafts verified
+    num_accepted_tokens: int = 0  # of which the target kept
 
     @property
     def queue_time(self) -> float | None:
@@ -132,6 +134,7 @@ class Request:
         self.blocks: list[int] = []  # block table; -1 marks a block freed by sliding windows
         self.block_hashes: list[bytes] = []  # chain digests of its full blocks (prefix caching)
         self.num_registered_blocks = 0  # leading full blocks already named in the prefix index
+        self.spec_token_ids: list[int] = []  # drafts to verify in the next step
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         self.metrics = RequestMetrics(arrival)
         seed = sampling.seed

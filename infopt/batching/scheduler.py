@@ -102,6 +102,7 @@ class Scheduler:
         self.running.remove(req)
         self._free_blocks(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -135,20 +136,28 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.spec_token_ids:  # a decode with drafts: verify them in this step
+                req.spec_token_ids = req.spec_token_ids[: budget - 1]
+                n += len(req.spec_token_ids)
+            fits = True
             while not self._try_allocate(req, n):
                 victim = self.running[-1]
                 if victim is req and len(self.running) == 1:
                     impossible.append(req)
+                    fits = False
                     break
                 if victim.request_id in scheduled:  # a newer decode scheduled earlier: undo it
                     budget += scheduled.pop(victim.request_id)[1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is req:
+                    fits = False
                     break
-            else:
+            if fits:
                 scheduled[req.request_id] = (req, n)
                 budget -= n
+            else:
+                req.spec_token_ids = []
         cached = 0
         copies: list[tuple[int, int]] = []
         while (
@@ -235,27 +244,42 @@ class Scheduler:
             blocks = req.blocks
             plan.request_ids.append(req.request_id)
             plan.num_scheduled.append(n)
+            drafts = req.spec_token_ids
+            known = req.num_tokens
             for pos in range(start, end):
-                plan.token_ids.append(req.token_at(pos))
+                plan.token_ids.append(req.token_at(pos) if pos < known else drafts[pos - known])
                 plan.positions.append(pos)
                 plan.slot_mapping.append(blocks[pos // bs] * bs + pos % bs)
             plan.query_start_loc.append(plan.query_start_loc[-1] + n)
             plan.seq_lens.append(end)
             plan.block_tables.append([max(b, 0) for b in blocks[: -(-end // bs)]])
-            if end == req.num_tokens:
+            if drafts:  # the last real token and every draft: k + 1 rows to verify
+                first = plan.query_start_loc[-1] - len(drafts) - 1
+                plan.sample_rows.extend(range(first, plan.query_start_loc[-1]))
+                plan.sample_request_ids.extend([req.request_id] * (len(drafts) + 1))
+                plan.spec_drafts[req.request_id] = drafts
+                req.spec_token_ids = []
+            elif end == req.num_tokens:
                 plan.sample_rows.append(plan.query_start_loc[-1] - 1)
                 plan.sample_request_ids.append(req.request_id)
         return plan
 
     # --- after the forward --------------------------------------------------------------------
 
-    def on_step_done(self, plan: StepPlan, requests: dict[str, Request]) -> None:
-        """Advance each scheduled request's computed tokens; name newly full blocks (prefix
-        caching) and release blocks every layer's window has left behind."""
+    def on_step_done(self, plan: StepPlan, requests: dict[str, Request],
+                     rejected: dict[str, int] | None = None) -> None:
+        """Advance each scheduled request's computed tokens (less its ``rejected`` drafts, whose
+        blocks are released); name newly full blocks (prefix caching) and release blocks every
+        layer's window has left behind."""
         bs = self.block_size
+        rejected = rejected or {}
         for rid, n in zip(plan.request_ids, plan.num_scheduled):
             req = requests[rid]
-            req.num_computed_tokens += n
+            req.num_computed_tokens += n - rejected.get(rid, 0)
+            keep = -(-req.num_computed_tokens // bs)
+            if len(req.blocks) > keep:  # blocks that held only rejected drafts
+                self.allocator.free([b for b in req.blocks[keep:] if b >= 0][::-1])
+                del req.blocks[keep:]
             if self.prefix_caching:
                 self._extend_hashes(req)
                 full = min(req.num_computed_tokens // bs, len(req.block_hashes))
