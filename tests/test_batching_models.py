@@ -137,3 +137,22 @@ def test_unsupported_layer_kinds_are_refused():
     model.config.layer_types = ["sliding_attention", "chunked_attention"] * 2
     with pytest.raises(NotImplementedError, match="chunked_attention"):
         Engine(model, None, EngineConfig(num_blocks=8))
+
+
+@pytest.mark.model
+def test_default_model_greedy_batch_equals_hf_generate_alone():
+    """SmolLM2-135M fp32: a chunked, mixed batch on the engine gives each prompt exactly what HF
+    generate gives it alone."""
+    torch.set_num_threads(2)
+    model, tok = infopt.load_model("smollm2-135m", dtype=torch.float32)
+    ref, _ = infopt.load_model("smollm2-135m", dtype=torch.float32)
+    texts = ["The capital of France is", "def fibonacci(n):",
+             "Once upon a time, in a land far away,", "Q: What is 2+2?\nA:"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    engine = Engine(model, tok, EngineConfig(max_num_batched_tokens=16, num_blocks=64))
+    n = 24
+    outs = engine.generate(prompts, SamplingParams(max_tokens=n, min_tokens=n, temperature=0),
+                           use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.token_ids) == hf_greedy(ref, p, n)
+        assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
