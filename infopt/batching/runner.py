@@ -15,13 +15,16 @@ from typing import Any
 import torch
 
 from ..kvcache.config import KVConfig
-from ..kvcache.forward import ForwardContext, forward_context
+from ..kvcache.forward import ForwardContext, PagedRows, forward_context
 from ..kvcache.hf import ATTN_NAME, register
 from ..kvcache.pool import KVPool
 from .params import EngineConfig
 from .plan import StepPlan
 
 __all__ = ["ModelRunner", "layer_windows", "text_config"]
+
+# Shortest first prefill that runs on SDPA instead of the paged kernel (tokens).
+_FRESH_MIN = 32
 
 # Layer kinds the paged kernels implement (causal attention over all or the last W keys).
 _LAYER_KINDS = ("full_attention", "sliding_attention")
@@ -153,6 +156,34 @@ class ModelRunner:
         self.bytes_per_block = per_block
         return KVPool(KVConfig(num_blocks=num_blocks, **kv), **shapes)
 
+    def _split_fresh(self, plan: StepPlan, ctx: ForwardContext, table: torch.Tensor) -> None:
+        """Mark first prefills of at least ``_FRESH_MIN`` tokens for SDPA (see ForwardContext);
+        shorter ones gain nothing over the paged kernel and stay in its batch."""
+        qsl = plan.query_start_loc
+        fresh = [i for i, (n, end) in enumerate(zip(plan.num_scheduled, plan.seq_lens))
+                 if n == end and n >= _FRESH_MIN]
+        if not fresh:
+            return
+        ctx.fresh = tuple((qsl[i], qsl[i + 1]) for i in fresh)
+        fresh_set = set(fresh)
+        rest = [i for i in range(plan.num_seqs) if i not in fresh_set]
+        if not rest:
+            return
+        dev = self.device
+        rows = [r for i in rest for r in range(qsl[i], qsl[i + 1])]
+        counts = [plan.num_scheduled[i] for i in rest]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        idx = torch.tensor(rest, dtype=torch.long)
+        ctx.rest = PagedRows(
+            rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            block_tables=table.index_select(0, idx).to(dev),
+            seq_lens=torch.tensor([plan.seq_lens[i] for i in rest], dtype=torch.int32,
+                                  device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+        )
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan's forward. Returns fp32 logits ``[len(plan.sample_rows), vocab]``."""
@@ -171,6 +202,7 @@ class ModelRunner:
             query_start_loc=torch.tensor(plan.query_start_loc, dtype=torch.int32, device=dev),
             layer_windows=plan.layer_windows,
         )
+        self._split_fresh(plan, ctx, table)
         keep = torch.tensor(plan.sample_rows, dtype=torch.long, device=dev)
         if plan.block_copies:
             self.pool.copy_blocks(plan.block_copies)
