@@ -1,6 +1,8 @@
 """The ``infopt`` command line (also ``python -m infopt``).
 
     infopt bench [--model NAME] [--configs baseline,bf16] [--json PATH] [--device cpu|cuda] ...
+    infopt bench-serve [--num-requests N] [--request-rate R] [--rows engine,...] [--json PATH] ...
+    infopt serve --model NAME [--port 8000] [--api-key KEY] ...   # OpenAI-compatible server
     infopt models        # the model registry, and which models are cached locally
     infopt ops           # kernel backends available / in use
     infopt --version
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .bench import runner as _runner
 
@@ -61,6 +64,34 @@ def _config_list(s: str) -> list[str]:
             f"unknown config(s) {bad}; accepted: {', '.join(accepted)} (comma-separated)"
         )
     return names
+
+
+def _row_list(s: str) -> list[str]:
+    from .bench.serve import ROWS
+
+    names = [n.strip() for n in s.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if not names or unknown:
+        bad = ", ".join(repr(n) for n in unknown) or "none given"
+        raise argparse.ArgumentTypeError(
+            f"unknown row(s) {bad}; accepted: {', '.join(ROWS)} (comma-separated)"
+        )
+    return names
+
+
+def _request_rate(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of requests/s or 'inf', got {s!r}"
+        ) from None
+    if not v > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0 requests/s or 'inf' (offline), got {s}")
+    return v
+
+
+_request_rate.__name__ = "request rate"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,10 +150,104 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     b.set_defaults(func=_cmd_bench)
+    _add_bench_serve_parser(sub)
+    _add_tune_batch_parser(sub)
+
+    from .serve.cli import add_arguments as _add_serve_args
+
+    sv = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server on the batching engine",
+        description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /health, /metrics) on FastAPI + uvicorn. See docs/serve.md.",
+    )  # fmt: skip
+    _add_serve_args(sv)
+    sv.set_defaults(func=_cmd_serve)
 
     sub.add_parser("models", help="list the model registry").set_defaults(func=_cmd_models)
     sub.add_parser("ops", help="kernel backend report").set_defaults(func=_cmd_ops)
     return parser
+
+
+def _add_bench_serve_parser(sub: Any) -> None:
+    from .bench import serve
+
+    s = sub.add_parser(
+        "bench-serve",
+        help="serving benchmark on ShareGPT requests (HF generate, HF continuous batching, "
+        "the infopt engine)",
+        description="Serve the same ShareGPT requests (greedy, EOS ignored, each request's "
+        "reference length) with every row, offline or with Poisson arrivals, and report "
+        "throughput, TTFT/TPOT percentiles, peak memory and KV use. See docs/bench.md.",
+        epilog="rows:\n" + "\n".join(
+            f"  {n:<18} {serve._ROW_SPECS[n][0]}" for n in serve.ROWS
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--model", default=_runner.DEFAULT_MODEL, help="registry name or path")
+    s.add_argument(
+        "--rows", type=_row_list, default=None,
+        help="comma-separated rows (default: all; online mode: the engine rows)",
+    )  # fmt: skip
+    s.add_argument(
+        "--request-rate", type=_request_rate, default=float("inf"), metavar="R",
+        help="Poisson arrivals at R requests/s (seeded); inf = offline, all at t=0 (default)",
+    )  # fmt: skip
+    for flag, lo, default, text in [
+        ("--num-requests", 1, serve.DEFAULT_NUM_REQUESTS, "ShareGPT requests"),
+        ("--max-output-tokens", 1, serve.DEFAULT_MAX_OUTPUT_TOKENS, "cap on each output"),
+        ("--hf-sample", 1, serve.DEFAULT_HF_SAMPLE, "requests run by hf-generate"),
+        ("--max-num-seqs", 1, serve.DEFAULT_MAX_NUM_SEQS, "requests in a batch at most"),
+        ("--max-num-batched-tokens", 1, serve.DEFAULT_MAX_NUM_BATCHED_TOKENS,
+         "tokens per step at most"),
+        ("--seed", 0, 0, "workload shuffle and arrival seed"),
+    ]:  # fmt: skip
+        s.add_argument(
+            flag, type=_int_at_least(lo), default=default, metavar="N", help=f"{text} ({default})"
+        )
+    s.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    s.add_argument(
+        "--threads", type=_int_at_least(1), metavar="N", help="torch threads (default: torch's)"
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    s.set_defaults(func=_cmd_bench_serve)
+
+
+def _cmd_bench_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import math
+
+    import torch
+
+    from .bench import serve
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: 'cuda' given but no CUDA device is available")
+    hf = [n for n in (args.rows or []) if n in serve.HF_ROWS]
+    if hf and not math.isinf(args.request_rate):
+        parser.error(f"argument --rows: {', '.join(hf)} run offline only; drop them or leave "
+                     "--request-rate at inf")
+    res = serve.run_serve_bench(
+        args.model,
+        args.rows,
+        num_requests=args.num_requests,
+        max_output_tokens=args.max_output_tokens,
+        request_rate=args.request_rate,
+        hf_sample=args.hf_sample,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(res.format_table())
+    if args.json:
+        path = res.write_json(args.json)
+        print(f"wrote {path}", file=sys.stderr)
+    failed = [r for r in res.rows if r.error is not None]
+    for r in failed:
+        print(f"infopt bench-serve: error: row {r.name} failed: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -151,6 +276,79 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
+    return vals
+
+
+def _seconds(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {s}")
+    return v
+
+
+def _add_tune_batch_parser(sub: Any) -> None:
+    t = sub.add_parser(
+        "tune-batch",
+        help="sweep max_num_seqs x max_num_batched_tokens on a ShareGPT sample and pick one",
+        description="Run a ShareGPT sample offline through the engine for every grid point; "
+        "print the throughput / latency table, the frontier and the fastest setting within "
+        "--tpot-bound / --ttft-bound. See docs/batching.md.",
+    )
+    t.add_argument("--model", default=_runner.DEFAULT_MODEL, help="registry name or path")
+    t.add_argument("--quant", default=None, help="a wrap_model(quant=...) alias, e.g. int8")
+    t.add_argument("--num-requests", type=_int_at_least(1), default=64, metavar="N")
+    t.add_argument("--max-output-tokens", type=_int_at_least(1), default=128, metavar="N")
+    t.add_argument("--max-num-seqs", type=_int_list, default=[8, 16, 32, 64], metavar="N,N")
+    t.add_argument("--max-num-batched-tokens", type=_int_list, default=[256, 512, 1024],
+                   metavar="N,N")
+    t.add_argument("--tpot-bound", type=_seconds, metavar="S", help="p99 TPOT bound (seconds)")
+    t.add_argument("--ttft-bound", type=_seconds, metavar="S", help="p99 TTFT bound (seconds)")
+    t.add_argument("--seed", type=_int_at_least(0), default=0, metavar="N")
+    t.add_argument("--threads", type=_int_at_least(1), metavar="N", help="torch threads")
+    t.set_defaults(func=_cmd_tune_batch)
+
+
+def _cmd_tune_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    import infopt
+    from infopt.batching.tune import tune_batch
+    from infopt.batching.workload import sample_requests
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = infopt.load_model(args.model, dtype=torch.float32)
+    if args.quant:
+        model = infopt.wrap_model(model, quant=args.quant)
+    reqs = sample_requests(tok, args.num_requests, seed=args.seed,
+                           max_output_tokens=args.max_output_tokens)
+    res = tune_batch(
+        model, tok, [r.prompt_token_ids for r in reqs], [r.output_len for r in reqs],
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        tpot_bound_s=args.tpot_bound, ttft_bound_s=args.ttft_bound,
+    )  # fmt: skip
+    print(f"model {args.model}, quant {args.quant or 'none'}, {len(reqs)} ShareGPT requests, "
+          f"{torch.get_num_threads()} threads")
+    print(res.format())
+    return 0 if res.pick is not None else 1
+
+
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .serve.cli import run
+
+    return run(args, parser)
+
+
 def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .models import get_spec, list_models, model_dir, resolve_cache_dir
     from .models.cache import check_model_dir
@@ -177,8 +375,8 @@ def _cmd_ops(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _hint(command: str | None, err: BaseException) -> str:
     if isinstance(err, ImportError):
         return "a module or optional dependency is missing; check the installation"
-    if command == "bench":
-        return "`infopt models` lists the models, `infopt bench --help` the options"
+    if command in ("bench", "bench-serve"):
+        return f"`infopt models` lists the models, `infopt {command} --help` the options"
     return "rerun with --debug for the traceback"
 
 

@@ -423,3 +423,27 @@ def test_prefix_hit_reuses_all_but_the_last_token_through_a_block_copy(models):
     assert list(again[1].token_ids) == hf_greedy(ref, p[:10], 6)
     alloc = engine.runner.pool.allocator
     assert alloc.num_free == 32 and alloc.stats.hit_tokens == 23
+
+
+def test_tune_batch_cli_runs_the_sweep_and_rejects_bad_grids(models, capsys, monkeypatch):
+    import infopt
+    from infopt import cli
+    from infopt.batching import workload
+
+    def run(*argv):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:
+            code = e.code
+        return code, *capsys.readouterr()
+
+    code, _, err = run("tune-batch", "--max-num-seqs", "4,0")
+    assert code == 2 and "--max-num-seqs" in err and ">= 1" in err
+    code, _, err = run("tune-batch", "--tpot-bound", "-1")
+    assert code == 2 and "--tpot-bound" in err
+    model, _ = models
+    reqs = [workload.SampledRequest(p, "", 3, str(i)) for i, p in enumerate(prompts_of([5, 9]))]
+    monkeypatch.setattr(infopt, "load_model", lambda name, dtype: (model, None))
+    monkeypatch.setattr(workload, "sample_requests", lambda tok, n, **kw: reqs)
+    code, out, _ = run("tune-batch", "--max-num-seqs", "1,2", "--max-num-batched-tokens", "16")
+    assert code == 0 and out.count("| 16 |") == 2 and "pick" in out

@@ -16,6 +16,7 @@ cache-layer features: those configs keep the PagedCache path for every call.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -28,6 +29,7 @@ from ..kvcache.allocator import OutOfBlocksError
 from ..kvcache.config import KVConfig
 from .engine import Engine
 from .params import EngineConfig, SamplingParams
+from .spec import build_proposer
 
 __all__ = ["enable_engine_generate", "model_engine"]
 
@@ -87,8 +89,15 @@ def enable_engine_generate(model: Any, config: KVConfig) -> Any:
             return kv_hf.paged_cache_generate(model, original, config, args, kwargs)
         return _engine_generate(model, engine, args, kwargs)
 
+    def attach_spec(spec: Any) -> None:
+        # wrap_model(spec=...) after kv=: the proposer joins this engine (one generation loop)
+        # instead of wrapping generate a second time.
+        engine.proposer = build_proposer(spec)  # NotImplementedError for draft-cache proposers
+        engine.config = dataclasses.replace(engine.config, speculative=spec)
+
     generate.infopt_native_min_new_tokens = True  # type: ignore[attr-defined]
     model.generate = generate
+    model._infopt_attach_spec = attach_spec
     setattr(model, kv_hf._ORIG_ATTR, (original, old_impl))
     setattr(model, _ENGINE_ATTR, engine)
     model._infopt_kv_config = config

@@ -378,7 +378,8 @@ def disable_paged(model: Any) -> Any:
     model.set_attn_implementation(previous[1])
     delattr(model, _ORIG_ATTR)
     del model._infopt_kv_config
-    for attr in (_POOL_ATTR, "_infopt_kv_engine"):  # the engine's, when generate ran on one
+    # the engine's, when generate ran on one
+    for attr in (_POOL_ATTR, "_infopt_kv_engine", "_infopt_attach_spec"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
