@@ -7,11 +7,11 @@ Two tasks, batch 1, exactly ``--new-tokens`` greedy tokens per prompt (EOS suppr
 * ``grounded``: input-grounded edits of given code (``infopt.eval.GROUNDED_PROMPTS``) - where
   prompt lookup helps, since the output copies the input.
 
-Rows: ``target`` (HF greedy, the reference), infopt ``prompt_lookup`` / ``layer_skip`` /
+Rows: ``target`` (HF greedy, the reference), infopt ``prompt-lookup`` / ``layer-skip`` /
 ``draft:<name>``, and HF's own assisted generation (``assistant_model=`` and
 ``prompt_lookup_num_tokens=``) as peers. Every row's tokens are checked against the target's.
 
-    python examples/spec_bench.py --target smollm2-135m --sources prompt_lookup,layer_skip
+    python examples/spec_bench.py --target smollm2-135m --sources prompt-lookup,layer-skip
     python examples/spec_bench.py --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \\
         --new-tokens 64 --n-prompts 2
 """
@@ -48,7 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--draft", default=None, help="registry name of a draft model (same tokenizer)")
-    ap.add_argument("--sources", default="prompt_lookup,layer_skip")
+    ap.add_argument("--sources", default="prompt-lookup,layer-skip")
     ap.add_argument("--tasks", default="code,grounded")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--n-prompts", type=int, default=2)

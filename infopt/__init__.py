@@ -15,6 +15,7 @@ from typing import Any
 
 from .api import accepted_options, applied_configs, register_handler, register_option, wrap_model
 from .config import InfoptConfig, register_config
+from .logs import set_progress
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "load_model",
     "load_quantized",
     "save_quantized",
+    "set_progress",
     "register_config",
     "register_handler",
     "register_option",

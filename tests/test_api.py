@@ -105,7 +105,7 @@ def test_bad_option_applies_nothing(scale_option):
 def test_builtin_options_are_registered():
     opts = infopt.accepted_options()
     assert {"quant", "kv", "spec"} <= set(opts)
-    assert "int4" in opts["quant"] and "paged" in opts["kv"] and "prompt_lookup" in opts["spec"]
+    assert "int4" in opts["quant"] and "paged" in opts["kv"] and "prompt-lookup" in opts["spec"]
 
 
 def test_config_round_trip_and_versioning():

@@ -362,7 +362,7 @@ def test_spec_config_round_trip_and_aliases():
     for cfg in (sp.PromptLookupConfig(max_ngram=2, num_draft_tokens=5),
                 sp.LayerSkipConfig(skip=(1, 3)), sp.DraftModelConfig("smollm2-135m")):
         assert infopt.InfoptConfig.from_dict(cfg.to_dict()) == cfg
-    assert set(infopt.accepted_options()["spec"]) == {"prompt_lookup", "layer_skip"}
+    assert set(infopt.accepted_options()["spec"]) == {"prompt-lookup", "layer-skip"}
 
 
 def test_attach_draft(target, other_draft):

@@ -23,9 +23,10 @@ from ..api import register_option
 from ..bench.configs import BenchConfig, register_bench_config
 from .allocator import BlockAllocator, BlockManager, OutOfBlocksError, SequenceBlocks, SlotPlan
 from .cache import PagedCache, PagedLayer
+from .checks import check_kv_supported
 from .config import KV_ALIASES, KVConfig
 from .hf import ATTN_NAME, disable_paged, enable_paged, model_pool, register
-from .pool import KVPool
+from .pool import KVMemoryError, KVPool
 from .prefix import PrefixCachingAllocator, PrefixStats
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "BlockAllocator",
     "BlockManager",
     "KVConfig",
+    "KVMemoryError",
     "KVPool",
     "OutOfBlocksError",
     "PagedCache",
@@ -41,6 +43,7 @@ __all__ = [
     "PrefixStats",
     "SequenceBlocks",
     "SlotPlan",
+    "check_kv_supported",
     "disable_paged",
     "enable_paged",
     "model_pool",

@@ -13,6 +13,8 @@ whole model.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .allocator import BlockAllocator, BlockManager
@@ -22,7 +24,60 @@ from .prefix import PrefixCachingAllocator
 
 _STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
-__all__ = ["KVPool"]
+__all__ = ["KVMemoryError", "KVPool", "available_bytes", "check_pool_fits"]
+
+
+class KVMemoryError(MemoryError, ValueError):
+    """The KV pool a config asks for does not fit in the device's free memory (raised before
+    anything is allocated; a ``ValueError`` too, since the config's size is what is wrong)."""
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when unknown): CUDA's free memory
+    plus what PyTorch's caching allocator holds unused; on CPU the kernel's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_pool_fits(nbytes: int, device: torch.device | str, what: str) -> None:
+    """Raise :class:`KVMemoryError` if ``nbytes`` exceed what ``device`` has available.
+
+    Why before allocating: ``torch.empty`` of a pool sized by a typo (``num_blocks=10**9``)
+    fails with an empty ``MemoryError`` or, with overcommit, only when the pages are touched
+    mid-generate.
+    """
+    avail = available_bytes(device)
+    if avail is not None and nbytes > avail:
+        raise KVMemoryError(
+            f"{what} needs {nbytes} bytes ({nbytes / 2**30:.2f} GiB) of KV cache on "
+            f"{torch.device(device)}, but only {avail} bytes ({avail / 2**30:.2f} GiB) are "
+            "available; lower KVConfig.num_blocks / max_tokens, or bound it with max_bytes"
+        )
+
+
+def pool_bytes_per_token(
+    config: KVConfig, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """K and V (and their fp32 scales for int8/fp8 pools) of every layer for one token."""
+    storage = _STORAGE.get(config.cache_dtype, dtype)
+    elem = torch.empty((), dtype=storage).element_size()
+    per_head = head_dim * elem + (4 if config.cache_dtype in _STORAGE else 0)
+    return 2 * num_layers * num_kv_heads * per_head
 
 
 class KVPool:
@@ -52,14 +107,18 @@ class KVPool:
         self.dtype, self.device = dtype, torch.device(device)  # the model's K/V dtype
         self.storage_dtype = _STORAGE.get(config.cache_dtype, dtype)
         self.quantized = config.cache_dtype in _STORAGE
-        elem = torch.empty((), dtype=self.storage_dtype).element_size()
-        # K and V (and their fp32 scales) of every layer for one token: the unit of all memory
-        # accounting.
-        per_head = head_dim * elem + (4 if self.quantized else 0)
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * per_head
+        # The unit of all memory accounting.
+        self.bytes_per_token = pool_bytes_per_token(
+            config, num_layers, num_kv_heads, head_dim, dtype
+        )
         model_elem = torch.empty((), dtype=dtype).element_size()
         self.model_dtype_bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * model_elem
         num_blocks = config.resolve_num_blocks(self.bytes_per_token * self.block_size, tokens_hint)
+        check_pool_fits(
+            num_blocks * self.block_size * self.bytes_per_token, self.device,
+            f"a pool of {num_blocks} blocks x {self.block_size} tokens x "
+            f"{self.bytes_per_token} bytes/token",
+        )  # fmt: skip
         self.growable = not config.fixed
         if config.prefix_caching:
             alloc: BlockAllocator = PrefixCachingAllocator(
@@ -107,6 +166,12 @@ class KVPool:
         alloc = self.allocator
         new = max(2 * alloc.num_blocks, alloc.num_used + min_free)
         old = alloc.num_blocks
+        # Old and new tensors coexist while copying: only the new ones must still fit.
+        check_pool_fits(
+            new * self.block_size * self.bytes_per_token, self.device,
+            f"growing the pool to {new} blocks x {self.block_size} tokens x "
+            f"{self.bytes_per_token} bytes/token",
+        )  # fmt: skip
         for tensors, is_scale in self._all():
             for i, t in enumerate(tensors):
                 grown = self._new(new, scale=is_scale)

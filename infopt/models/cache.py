@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from infopt.logs import progress_bar as _progress_bar
 
 try:
     import fcntl
@@ -33,16 +35,22 @@ __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
+    "REQUIRED_FILES",
     "check_model_dir",
     "file_lock",
+    "file_records",
     "infopt_version",
+    "integrity_fields",
     "make_temp_dir",
     "model_dir",
+    "needs_upgrade",
     "progress_bar",
     "read_manifest",
+    "read_safetensors_header",
     "remove_stale_temps",
     "resolve_cache_dir",
     "sha256_file",
+    "write_manifest",
 ]
 
 MANIFEST_NAME = "infopt_model.json"
@@ -51,6 +59,7 @@ WEIGHTS_NAME = "model.safetensors"
 MANIFEST_FORMAT = 1
 TEMP_PREFIX = ".tmp-"
 _CHUNK = 8 << 20
+_log = logging.getLogger("infopt.models")
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -60,17 +69,10 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache_dir).expanduser().resolve()
 
 
-def progress_bar(progress: bool, **kwargs: Any) -> Any:
-    """A tqdm bar on stderr, or a disabled one when ``progress`` is False.
-
-    ``disable`` is only passed to switch bars off: passing ``disable=False`` would override
-    the user's ``TQDM_DISABLE=1``.
-    """
-    from tqdm.auto import tqdm
-
-    if not progress:
-        kwargs["disable"] = True
-    return tqdm(file=sys.stderr, **kwargs)
+def progress_bar(progress: bool | None, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr, disabled when ``progress`` is False (``None``: the library-wide
+    switch, see :func:`infopt.set_progress`)."""
+    return _progress_bar(progress, **kwargs)
 
 
 def model_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -113,13 +115,103 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: Files every manifest that lists its files must list (the tokenizer cannot be rebuilt
+#: without the GGUF, so a missing one means rebuilding the directory).
+REQUIRED_FILES = (
+    "config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+    WEIGHTS_NAME,
+)
+# Files up to this size are re-hashed on every load (configs, tokenizer: a few MB at most);
+# bigger ones (the weights) only by the full check.
+_HASH_EVERY_LOAD = 64 << 20
+# safetensors headers are JSON of a few hundred bytes per tensor; anything bigger is damage.
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors_header(path: Path) -> bytes:
+    """The raw JSON header of a safetensors file, after checking that it parses and that
+    its tensors' byte ranges tile the rest of the file exactly. Raises ``ValueError`` saying
+    what is wrong (the caller names the file and the remedy)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes is too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"header length {n} does not fit the {size}-byte file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {key!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if end != size - 8 - n:
+        raise ValueError(f"tensors end at byte {end} of the data, but the file holds "
+                         f"{size - 8 - n} data bytes")
+    return raw
+
+
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{file name: {"size", "sha256"}}`` of every file in ``directory`` but the manifest."""
+    return {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+
+
+def integrity_fields(directory: Path) -> dict[str, Any]:
+    """The manifest fields :func:`check_model_dir` verifies (hashes every file once)."""
+    files = file_records(directory)
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise ValueError(f"{directory} lacks {missing}")
+    header = read_safetensors_header(directory / WEIGHTS_NAME)
+    return {
+        "weights_size": files[WEIGHTS_NAME]["size"],
+        "weights_sha256": files[WEIGHTS_NAME]["sha256"],
+        "weights_header_sha256": hashlib.sha256(header).hexdigest(),
+        "files": files,
+    }
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` atomically (readers see the old or the new one, never half)."""
+    tmp = directory / f"{TEMP_PREFIX}{MANIFEST_NAME}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, directory.stat().st_mode & 0o666)
+    os.replace(tmp, directory / MANIFEST_NAME)
+
+
+def needs_upgrade(manifest: dict[str, Any] | None) -> bool:
+    """True for a manifest written before files, digests and the header were recorded."""
+    return manifest is not None and "files" not in manifest
+
+
 def check_model_dir(
     directory: Path, name: str, gguf_sha256: str, *, full: bool = False
 ) -> str | None:
     """Why ``directory`` is not a usable conversion of ``name``, or None when it is.
 
-    The cheap check (every load) looks at the manifest and the weight file's size; ``full``
-    also re-hashes the weights, which costs a read of the whole file (GBs for the big models).
+    The cheap check (every load) reads the manifest, then for every file it lists: present,
+    the recorded size, and for the small ones (configs, tokenizer) the recorded sha256; the
+    weights' safetensors header must parse, tile the file and match its recorded digest.
+    ``full`` also re-hashes the weights, a read of the whole file (GBs for the big models).
+    Manifests written before files were recorded get the older checks (manifest, required
+    files, weight size); :func:`~infopt.models.ensure_model` upgrades them.
     """
     manifest = read_manifest(directory)
     if manifest is None:
@@ -140,11 +232,45 @@ def check_model_dir(
         return f"{WEIGHTS_NAME} is missing"
     if size != manifest.get("weights_size"):
         return f"{WEIGHTS_NAME} is {size} bytes, manifest says {manifest.get('weights_size')}"
+    if "files" in manifest:
+        problem = _check_files(directory, manifest, full)
+        if problem is not None:
+            return problem
     if full:
         actual = sha256_file(weights)
         if actual != manifest.get("weights_sha256"):
             return (f"{WEIGHTS_NAME} sha256 is {actual}, manifest says "
                     f"{manifest.get('weights_sha256')}")
+    return None
+
+
+def _check_files(directory: Path, manifest: dict[str, Any], full: bool) -> str | None:
+    files = manifest["files"]
+    if not isinstance(files, dict) or any(
+        not isinstance(f, str) or Path(f).name != f or not isinstance(r, dict)
+        for f, r in files.items()
+    ):
+        return f"{MANIFEST_NAME} has a malformed 'files' field"
+    for required in REQUIRED_FILES:
+        if required not in files:
+            return f"{MANIFEST_NAME} does not list {required}"
+    for fname, rec in files.items():
+        path = directory / fname
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{fname} is missing"
+        if size != rec.get("size"):
+            return f"{fname} is {size} bytes, manifest says {rec.get('size')}"
+        hashed = fname != WEIGHTS_NAME and (full or size <= _HASH_EVERY_LOAD)
+        if hashed and sha256_file(path) != rec.get("sha256"):
+            return f"{fname} was modified (its sha256 differs from the manifest's)"
+    try:
+        header = read_safetensors_header(directory / WEIGHTS_NAME)
+    except (OSError, ValueError) as e:
+        return f"{WEIGHTS_NAME} has a corrupt safetensors header ({e})"
+    if hashlib.sha256(header).hexdigest() != manifest.get("weights_header_sha256"):
+        return f"{WEIGHTS_NAME}'s safetensors header differs from the one recorded in the manifest"
     return None
 
 
@@ -163,7 +289,7 @@ def file_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"infopt: waiting for another process holding {path} ...", file=sys.stderr)
+            _log.warning("waiting for another process holding %s ...", path)
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import datetime
 import gc
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ from safetensors.torch import save_file
 
 from infopt.models.cache import (
     MANIFEST_FORMAT,
-    MANIFEST_NAME,
     WEIGHTS_NAME,
+    integrity_fields,
     progress_bar,
-    sha256_file,
+    write_manifest,
 )
 from infopt.models.cache import infopt_version as _infopt_version
 from infopt.models.registry import ModelSpec
@@ -190,8 +189,8 @@ def convert_gguf_to_hf(
             "gguf_sha256": spec.gguf_sha256,
             "weights_file": WEIGHTS_NAME,
             "weights_dtype": "float32",
-            "weights_size": (out_dir / WEIGHTS_NAME).stat().st_size,
-            "weights_sha256": sha256_file(out_dir / WEIGHTS_NAME),
+            # weights_size / _sha256 / _header_sha256 and every file's size and sha256.
+            **integrity_fields(out_dir),
             "tied_parameters": tied,
             "special_tokens": special,
             "infopt_version": _infopt_version(),
@@ -199,10 +198,7 @@ def convert_gguf_to_hf(
             "torch_version": torch.__version__,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
-        with open(out_dir / MANIFEST_NAME, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        os.chmod(out_dir / MANIFEST_NAME, out_dir.stat().st_mode & 0o666)
+        write_manifest(out_dir, manifest)
         stages.update()
         return manifest
     finally:

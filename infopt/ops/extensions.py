@@ -49,9 +49,10 @@ def cache_dir() -> Path:
 
 
 def csrc_dir() -> Path | None:
-    """The ``csrc/`` tree: shipped inside the package if packaged there, else the repo root's."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "csrc", here.parents[1] / "csrc"):
+    """The ``csrc/`` tree: ``infopt/csrc`` in an installed wheel (setup.py copies it there),
+    else the repository root's in a source checkout."""
+    package = Path(__file__).resolve().parents[1]  # .../infopt
+    for cand in (package / "csrc", package.parent / "csrc"):
         if (cand / "cpu" / "schema.cpp").is_file():
             return cand
     return None

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..api import register_handler, register_option
-from .calibration import calibration_ids
+from ..api import register_check, register_handler, register_option
+from .calibration import calibration_ids, check_calibration_source
 from .config import FP8Config, Int4WeightOnlyConfig, Int8WeightOnlyConfig, QuantConfig, W8A8Config
 from .formats import (
     dequantize_fp8,
@@ -33,8 +33,15 @@ from .formats import (
 )
 from .gptq import gptq_quantize
 from .modules import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
-from .quantize import is_quantized, quant_config_of, quantize_model, select_targets
+from .quantize import (
+    check_quantizable,
+    is_quantized,
+    quant_config_of,
+    quantize_model,
+    select_targets,
+)
 from .serialization import load_quantized, save_quantized
+from .structure import find_blocks
 
 __all__ = [
     "ALIASES",
@@ -95,5 +102,13 @@ def _handle(model: nn.Module, config: QuantConfig) -> None:
     quantize_model(model, config)
 
 
+def _check(model: nn.Module, config: QuantConfig) -> None:
+    check_quantizable(model, config)
+    if config.calibrated:
+        find_blocks(model)  # calibration runs block by block
+        check_calibration_source(model)
+
+
 for _cfg in (Int8WeightOnlyConfig, Int4WeightOnlyConfig, W8A8Config, FP8Config):
     register_handler(_cfg)(_handle)
+    register_check(_cfg)(_check)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from .calibrated import InputStats, collect_stats
 from .formats import fake_quantize_int4, num_groups
 from .modules import Int4Linear, W8A8Linear
-from .structure import BlockInputs, apply_fold, find_fold
+from .structure import BlockInputs, apply_fold, find_fold, set_tensor
 
 __all__ = [
     "AWQ_DAMP", "awq_block", "awq_clip_ratios", "awq_search_scale", "damp_cov", "smooth_block",
@@ -177,7 +177,8 @@ def _apply_scale(
         apply_fold(block, prev, group, s)
         return None
     for name in group:
-        mods[name].weight.mul_(s.to(mods[name].weight)[None, :])
+        w = mods[name].weight
+        set_tensor(mods[name], "weight", w * s.to(w)[None, :])
     return 1.0 / s
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from ..logs import progress_bar
 from .structure import BlockInputs, capture_block_inputs, find_blocks, input_groups, run_block
 
 __all__ = ["InputStats", "collect_stats", "run_sequential"]
@@ -134,7 +134,7 @@ def run_sequential(
     block_fn: BlockFn,
     *,
     desc: str,
-    progress: bool = True,
+    progress: bool | None = True,
     batch_size: int = 8,
 ) -> list[str]:
     """Quantize the ``targets`` (dotted names) that live inside the model's blocks.
@@ -145,7 +145,7 @@ def run_sequential(
     prefix, blocks = find_blocks(model)
     chunks = capture_block_inputs(model, blocks, input_ids, batch_size)
     remaining = set(targets)
-    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+    for i, block in enumerate(progress_bar(progress, iterable=blocks, desc=desc)):
         bprefix = f"{prefix}.{i}." if prefix else f"{i}."
         names = [t[len(bprefix):] for t in targets if t.startswith(bprefix)]
         if names:

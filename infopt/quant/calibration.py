@@ -54,7 +54,13 @@ def calibration_text(name: str = "lee") -> str:
 
 @functools.lru_cache(maxsize=4)
 def _tokenized(tokenizer: Any, name: str) -> torch.Tensor:
-    ids = tokenizer(calibration_text(name), add_special_tokens=False)["input_ids"]
+    # The whole corpus is one sequence on purpose (windows are cut from it), so transformers'
+    # "longer than the model's maximum length" warning would be misleading: verbose=False
+    # (only for transformers tokenizers; any callable returning input_ids is accepted).
+    from transformers import PreTrainedTokenizerBase
+
+    quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
+    ids = tokenizer(calibration_text(name), add_special_tokens=False, **quiet)["input_ids"]
     return torch.as_tensor(ids, dtype=torch.long)
 
 
@@ -77,6 +83,24 @@ def calibration_ids(
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def check_calibration_source(model: Any) -> None:
+    """Raise the error :func:`resolve_tokenizer` would, without loading a tokenizer: the model
+    must have a local ``config.name_or_path`` directory to find calibration text's tokenizer."""
+    import os
+
+    path = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    if not (path and os.path.isdir(path)):
+        raise ValueError(_NO_TOKENIZER)
+
+
+_NO_TOKENIZER = (
+    "this quantization method needs calibration data: the model has no local "
+    "config.name_or_path directory to load a tokenizer from. Call "
+    "infopt.quant.quantize_model(model, config, tokenizer=tok) or pass "
+    "calib_input_ids=[n, seq_len] token ids"
+)
+
+
 def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
     """The tokenizer to calibrate with: ``tokenizer`` if given, else the one saved next to the
     model (``model.config.name_or_path`` when it is a local directory; never the hub)."""
@@ -97,9 +121,4 @@ def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
                 "infopt.quant.quantize_model(model, config, tokenizer=tok) or pass "
                 "calib_input_ids=[n, seq_len] token ids"
             ) from e
-    raise ValueError(
-        "this quantization method needs calibration data: the model has no local "
-        "config.name_or_path directory to load a tokenizer from. Call "
-        "infopt.quant.quantize_model(model, config, tokenizer=tok) or pass "
-        "calib_input_ids=[n, seq_len] token ids"
-    )
+    raise ValueError(_NO_TOKENIZER)

@@ -163,8 +163,10 @@ class Int4WeightOnlyConfig(QuantConfig):
         super().__post_init__()
         if self.act_dtype not in INT4_ACT_DTYPES:
             raise ValueError(f"act_dtype must be one of {INT4_ACT_DTYPES}, got {self.act_dtype!r}")
-        if self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        gs = self.group_size
+        # type() rather than ``in``: 128.0 == 128 (and True == 1) would pass a membership test.
+        if type(gs) is not int or gs not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} (an int), got {gs!r}")
         if self.method not in INT4_METHODS:
             raise ValueError(f"method must be one of {INT4_METHODS}, got {self.method!r}")
         if not isinstance(self.act_order, bool):

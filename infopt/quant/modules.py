@@ -72,14 +72,13 @@ class QuantizedLinear(nn.Module):
 
     @staticmethod
     def from_spec(spec: dict[str, Any]) -> QuantizedLinear:
-        """Empty module (zeros) of the class and shape described by :meth:`spec`."""
-        kwargs = dict(spec)
-        fmt = kwargs.pop("format")
-        cls = quantized_module_types().get(fmt)
-        if cls is None:
-            known = sorted(quantized_module_types())
-            raise ValueError(f"unknown quantized format {fmt!r}; known: {known}")
-        kwargs["bias_dtype"] = getattr(torch, kwargs["bias_dtype"].removeprefix("torch."))
+        """Empty module (zeros) of the class and shape described by :meth:`spec`.
+
+        ``spec`` may come from a file, so every field is checked against an allow-list
+        (``ValueError`` naming the field); dtypes come from a fixed table, never from
+        ``getattr(torch, name)``.
+        """
+        cls, kwargs = _class_and_kwargs(spec)
         return cls(**kwargs)
 
     # -- forward ---------------------------------------------------------------------------
@@ -343,6 +342,55 @@ class FP8Linear(QuantizedLinear):
 
     def _format_repr(self) -> str:
         return f"fp8 e4m3 per-channel, per-token fp8 activations, emulated={self.emulated}"
+
+
+#: ``spec()["bias_dtype"]`` strings and the dtypes they stand for.
+BIAS_DTYPES = {
+    str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+}
+_SPEC_FIELDS = {"format", "in_features", "out_features", "bias", "has_in_scale", "bias_dtype"}
+_INT4_FIELDS = {"group_size", "act_dtype"}
+
+
+def _class_and_kwargs(spec: Any) -> tuple[type[QuantizedLinear], dict[str, Any]]:
+    if not isinstance(spec, dict):
+        raise ValueError(f"module spec must be a JSON object, got {type(spec).__name__}")
+    fmt = spec.get("format")
+    cls = quantized_module_types().get(fmt) if isinstance(fmt, str) else None
+    if cls is None:
+        known = sorted(quantized_module_types())
+        raise ValueError(f"format: unknown quantized format {fmt!r}; known: {known}")
+    allowed = _SPEC_FIELDS | (_INT4_FIELDS if cls is Int4Linear else set())
+    unknown, missing = set(spec) - allowed, (_SPEC_FIELDS - {"format"}) - set(spec)
+    if unknown or missing:
+        raise ValueError(
+            f"fields: unknown {sorted(unknown)}, missing {sorted(missing)}; a {fmt} spec has "
+            f"{sorted(allowed)}"
+        )
+    kwargs = {k: v for k, v in spec.items() if k != "format"}
+    for name in ("in_features", "out_features"):
+        v = kwargs[name]
+        if type(v) is not int or v < 1:
+            raise ValueError(f"{name}: must be an int >= 1, got {v!r}")
+    for name in ("bias", "has_in_scale"):
+        if not isinstance(kwargs[name], bool):
+            raise ValueError(f"{name}: must be true or false, got {kwargs[name]!r}")
+    dtype = kwargs["bias_dtype"]
+    if not isinstance(dtype, str) or dtype not in BIAS_DTYPES:
+        raise ValueError(f"bias_dtype: must be one of {sorted(BIAS_DTYPES)}, got {dtype!r}")
+    kwargs["bias_dtype"] = BIAS_DTYPES[dtype]
+    if cls is Int4Linear:
+        gs = kwargs.get("group_size", 128)
+        if type(gs) is not int:
+            raise ValueError(f"group_size: must be an int, got {gs!r}")
+        try:
+            check_group_size(gs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"group_size: {e}") from None
+        act = kwargs.get("act_dtype")
+        if act not in Int4Linear.ACT_DTYPES:
+            raise ValueError(f"act_dtype: must be one of {Int4Linear.ACT_DTYPES}, got {act!r}")
+    return cls, kwargs
 
 
 def quantized_module_types() -> dict[str, type[QuantizedLinear]]:

@@ -29,7 +29,16 @@ from .hugepages import hugepage_copy
 from .modules import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
 from .structure import BlockInputs
 
-__all__ = ["QUANT_ATTR", "is_quantized", "quant_config_of", "quantize_model", "select_targets"]
+__all__ = [
+    "QUANT_ATTR",
+    "check_finite_weights",
+    "check_quantizable",
+    "is_quantized",
+    "quant_config_of",
+    "quantize_model",
+    "refuse_save_pretrained",
+    "select_targets",
+]
 
 # Attribute holding the applied QuantConfig's to_dict() on a quantized model.
 QUANT_ATTR = "_infopt_quant_config"
@@ -77,6 +86,25 @@ def select_targets(model: nn.Module, config: QuantConfig) -> list[str]:
     return targets
 
 
+def check_quantizable(
+    model: nn.Module, config: QuantConfig, *, check_finite: bool = True
+) -> tuple[list[str], str | None]:
+    """Everything :func:`quantize_model` checks before changing the model; returns ``(target
+    linear names, output head name for lm_head="int8" or None)``. Changes nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if is_quantized(model) or getattr(model, QUANT_ATTR, None) is not None:
+        raise ValueError(
+            "model is already quantized (it contains infopt quantized linears); quantize the "
+            "original floating-point model instead"
+        )
+    targets = select_targets(model, config)
+    head = _output_head_name(model, targets) if config.lm_head is not None else None
+    if check_finite:
+        check_finite_weights(model, targets + ([head] if head is not None else []))
+    return targets, head
+
+
 def _rtn_module(config: QuantConfig, linear: nn.Linear) -> nn.Module:
     """Calibration-free quantization of one linear in ``config``'s format."""
     if isinstance(config, Int8WeightOnlyConfig):
@@ -122,7 +150,8 @@ def quantize_model(
     *,
     calib_input_ids: torch.Tensor | None = None,
     tokenizer: Any = None,
-    progress: bool = True,
+    progress: bool | None = None,
+    check_finite: bool = True,
 ) -> nn.Module:
     """Quantize ``model``'s linears in place and return it.
 
@@ -135,18 +164,14 @@ def quantize_model(
             ``config.calib_text`` tokenized with ``tokenizer``.
         tokenizer: used only to build the default calibration ids; default: the tokenizer
             saved in the model's local ``config.name_or_path`` directory.
-        progress: show a tqdm bar over blocks for calibrated methods.
+        progress: show a tqdm bar over blocks for calibrated methods; ``None`` (default)
+            follows :func:`infopt.set_progress` (on unless switched off).
+        check_finite: refuse (``ValueError`` naming the module) to quantize a linear whose
+            weight holds NaN or inf. Quantization would hide them: the fp model emits NaN
+            logits, the quantized one finite but meaningless ones. ``False`` skips the check.
     """
     config = _as_config(config)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if is_quantized(model) or getattr(model, QUANT_ATTR, None) is not None:
-        raise ValueError(
-            "model is already quantized (it contains infopt quantized linears); quantize the "
-            "original floating-point model instead"
-        )
-    targets = select_targets(model, config)
-    head = _output_head_name(model, targets) if config.lm_head is not None else None
+    targets, head = check_quantizable(model, config, check_finite=check_finite)
 
     rest = targets
     if config.calibrated:
@@ -182,7 +207,9 @@ def quantize_model(
         was_training = model.training
         model.eval()
         try:
-            rest = run_sequential(model, targets, calib_input_ids, fn, desc=desc, progress=progress)
+            rest = run_sequential(
+                model, targets, calib_input_ids, fn, desc=desc, progress=progress
+            )
         finally:
             model.train(was_training)
 
@@ -197,7 +224,53 @@ def quantize_model(
         replace_modules(model, lambda m, n: n == head, lambda m, n: Int8Linear.from_linear(m))
     move_to_hugepages(model)
     setattr(model, QUANT_ATTR, config.to_dict())
+    refuse_save_pretrained(model)
     return model
+
+
+class _RefuseSavePretrained:
+    """Stands in for ``save_pretrained`` on an infopt-quantized HF model (an instance
+    attribute, like the wrapped ``generate``; the class is untouched). transformers would
+    write the quantized buffers under names ``from_pretrained`` does not know, and loading
+    that directory re-initialises every quantized linear at random (fluent-looking garbage):
+    refusing is better than writing a checkpoint that loads wrong."""
+
+    def __init__(self, model_type: str) -> None:
+        self.model_type = model_type
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"{self.model_type}.save_pretrained cannot save an infopt-quantized model (it "
+            "would reload with random weights in place of every quantized linear); use "
+            "infopt.save_quantized(model, directory) and load it back with "
+            "infopt.load_quantized(directory)"
+        )
+
+
+def refuse_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) raise a clear
+    error pointing at :func:`infopt.save_quantized` (HF models only)."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _RefuseSavePretrained(type(model).__name__)
+
+
+def check_finite_weights(model: nn.Module, names: list[str]) -> None:
+    """Raise ``ValueError`` naming the first of the linears ``names`` whose weight (or bias)
+    holds NaN or inf (checked before anything is quantized, so a refusal changes nothing)."""
+    named = dict(model.named_modules())
+    for name in names:
+        for attr in ("weight", "bias"):
+            t = getattr(named[name], attr, None)
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(
+                    f"{name}.{attr} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}; "
+                    "quantizing would hide them (the quantized model's outputs look finite). "
+                    "Fix the checkpoint, or pass check_finite=False to "
+                    "infopt.quant.quantize_model to quantize anyway"
+                )
 
 
 def move_to_hugepages(model: nn.Module) -> None:

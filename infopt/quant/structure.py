@@ -34,6 +34,7 @@ __all__ = [
     "find_fold",
     "input_groups",
     "run_block",
+    "set_tensor",
 ]
 
 # (hidden [B, L, D], kwargs) for one calibration chunk.
@@ -172,20 +173,33 @@ def _fold_candidates(block: nn.Module, group: list[str], k: int) -> Iterator[str
                 yield name
 
 
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace ``module.<name>`` (a parameter or buffer) by ``value``, never writing into the
+    old tensor: ``wrap_model`` restores a model whose option failed half-way by putting its
+    original tensor objects back, which only works if they were never modified in place."""
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = value
+
+
 @torch.no_grad()
 def apply_fold(block: nn.Module, prev: str, group: list[str], s: torch.Tensor) -> None:
-    """Fold a smoothing scale in place: ``prev``'s output channels ``/= s``, the group's input
-    columns ``*= s``. ``s [K]`` > 0. The block's function is unchanged (up to rounding)."""
+    """Fold a smoothing scale: ``prev``'s output channels ``/= s``, the group's input columns
+    ``*= s``. ``s [K]`` > 0. The block's function is unchanged (up to rounding). The modules
+    get new tensors (see :func:`set_tensor`); the old ones are left as they were."""
     mods = dict(block.named_modules())
     p = mods[prev]
     if isinstance(p, nn.Linear):
-        p.weight.div_(s.to(p.weight)[:, None])
+        set_tensor(p, "weight", p.weight / s.to(p.weight)[:, None])
     else:
-        p.weight.div_(s.to(p.weight))
+        set_tensor(p, "weight", p.weight / s.to(p.weight))
     if getattr(p, "bias", None) is not None:
-        p.bias.div_(s.to(p.bias))
+        set_tensor(p, "bias", p.bias / s.to(p.bias))
     for n in group:
-        mods[n].weight.mul_(s.to(mods[n].weight)[None, :])
+        w = mods[n].weight
+        set_tensor(mods[n], "weight", w * s.to(w)[None, :])
 
 
 @torch.no_grad()

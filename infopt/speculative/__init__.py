@@ -1,10 +1,10 @@
 """Exact speculative decoding: draft proposal -> one batched target verification -> acceptance.
 
     from infopt import speculative
-    out = speculative.generate(target, input_ids, draft="prompt_lookup", max_new_tokens=64)
+    out = speculative.generate(target, input_ids, draft="prompt-lookup", max_new_tokens=64)
     out.sequences, out.stats.to_dict()
 
-    infopt.wrap_model(model, spec="layer_skip")        # model.generate now speculates
+    infopt.wrap_model(model, spec="layer-skip")        # model.generate now speculates
     speculative.attach_draft(model, draft_model)       # ... or with a draft model object
 
 Greedy output is token-identical to the target's greedy decode (up to floating-point ties: the

@@ -45,12 +45,12 @@ def register_bench_configs() -> None:
         BenchConfig(
             "spec-prompt-lookup",
             "speculative: prompt lookup (n-gram) drafts",
-            wrap_options={"spec": "prompt_lookup"},
+            wrap_options={"spec": "prompt-lookup"},
         ),
         BenchConfig(
             "spec-layer-skip",
             "speculative: self-drafting with a middle layer block skipped",
-            wrap_options={"spec": "layer_skip"},
+            wrap_options={"spec": "layer-skip"},
         ),
         BenchConfig(
             "spec-draft-qwen0.5b",

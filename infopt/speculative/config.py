@@ -8,6 +8,7 @@ to use a model object directly see :func:`infopt.speculative.attach_draft`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -36,6 +37,8 @@ class SpecConfig(InfoptConfig):
         check_draft_length(self.num_draft_tokens, "num_draft_tokens")
         if self.max_draft_tokens is not None:
             check_draft_length(self.max_draft_tokens, "max_draft_tokens")
+        if not isinstance(self.adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {self.adaptive!r}")
 
     def build(self, target: nn.Module) -> Any:
         """A fresh :class:`~infopt.speculative.drafts.DraftSource` for ``target``."""
@@ -45,6 +48,14 @@ class SpecConfig(InfoptConfig):
 def check_draft_length(n: Any, name: str) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: ``DraftModelConfig.dtype`` names -> dtypes (a fixed table: the name may come from a file).
+DRAFT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @register_config
@@ -67,8 +78,15 @@ class PromptLookupConfig(SpecConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.min_ngram is None and isinstance(self.max_ngram, int):
+        if not _is_int(self.max_ngram) or self.max_ngram < 1:
+            raise ValueError(f"max_ngram must be an int >= 1, got {self.max_ngram!r}")
+        if self.min_ngram is None:
             object.__setattr__(self, "min_ngram", min(2, self.max_ngram))
+        elif not _is_int(self.min_ngram) or not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(
+                f"min_ngram must be None or an int in 1..max_ngram={self.max_ngram}, got "
+                f"{self.min_ngram!r}"
+            )
 
     def build(self, target: nn.Module) -> Any:
         from .drafts import PromptLookupDraft
@@ -90,9 +108,32 @@ class LayerSkipConfig(SpecConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.skip_every, int) or self.skip_every == 1 or self.skip_every < 0:
+        if not _is_int(self.skip_every) or self.skip_every == 1 or self.skip_every < 0:
             raise ValueError(
                 f"skip_every must be 0 (middle block) or >= 2, got {self.skip_every!r}"
+            )
+        skip = self.skip
+        if isinstance(skip, list):  # from JSON
+            skip = tuple(skip)
+        # Layer 0 must be kept (HF caches report their length from it); the upper bound
+        # depends on the model and is checked when the config is applied.
+        if not isinstance(skip, tuple) or not all(_is_int(i) and i >= 1 for i in skip):
+            raise ValueError(
+                f"skip must be a tuple of decoder layer indices >= 1 (layer 0 is always kept), "
+                f"got {self.skip!r}"
+            )
+        object.__setattr__(self, "skip", skip)
+
+    def check(self, target: nn.Module) -> None:
+        """Raise unless ``target`` has a decoder block list these layer indices fit."""
+        from .drafts import find_decoder_layers
+
+        n = len(find_decoder_layers(target)[2])
+        bad = [i for i in self.skip if i >= n]
+        if bad:
+            raise ValueError(
+                f"LayerSkipConfig.skip: layers {bad} do not exist; {type(target).__name__} has "
+                f"{n} decoder layers, so valid indices are 1..{n - 1}"
             )
 
     def build(self, target: nn.Module) -> Any:
@@ -129,6 +170,15 @@ class DraftModelConfig(SpecConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.draft_model, str) or not self.draft_model:
+            raise ValueError(
+                "draft_model must be a non-empty string (an infopt registry name, a local "
+                f"directory or an 'org/name' hub id), got {self.draft_model!r}"
+            )
+        if self.dtype is not None and self.dtype not in DRAFT_DTYPES:
+            raise ValueError(
+                f"dtype must be None or one of {sorted(DRAFT_DTYPES)}, got {self.dtype!r}"
+            )
         if self.stop_confidence is not None and not (
             isinstance(self.stop_confidence, (int, float))
             and not isinstance(self.stop_confidence, bool)
@@ -151,7 +201,7 @@ class DraftModelConfig(SpecConfig):
         from ..models import load_model
 
         p = next(target.parameters(), None)
-        dtype = getattr(torch, self.dtype) if self.dtype else (p.dtype if p is not None else None)
+        dtype = DRAFT_DTYPES[self.dtype] if self.dtype else (p.dtype if p is not None else None)
         kwargs = {} if dtype is None else {"dtype": dtype}
         model, _ = load_model(self.draft_model, **kwargs)
         if p is not None:
@@ -171,12 +221,25 @@ class DraftModelConfig(SpecConfig):
         return ModelDraft(draft, self.stop_confidence)
 
 
-ALIASES = {"prompt_lookup": PromptLookupConfig, "layer_skip": LayerSkipConfig}
+ALIASES = {"prompt-lookup": PromptLookupConfig, "layer-skip": LayerSkipConfig}
+#: Spellings from before every alias used hyphens; accepted with a DeprecationWarning.
+DEPRECATED_ALIASES = {"prompt_lookup": "prompt-lookup", "layer_skip": "layer-skip"}
+
+
+def canonical_alias(name: str, stacklevel: int = 3) -> str:
+    """``name`` with a deprecated spelling replaced by the current one (warning once per
+    call site, as DeprecationWarnings do)."""
+    new = DEPRECATED_ALIASES.get(name)
+    if new is None:
+        return name
+    warnings.warn(f"draft={name!r} is deprecated; use {new!r}", DeprecationWarning,
+                  stacklevel=stacklevel)
+    return new
 
 
 def alias_config(name: str) -> SpecConfig:
-    """``"prompt_lookup"`` / ``"layer_skip"`` -> the default config of that kind."""
-    factory = ALIASES.get(name)
+    """``"prompt-lookup"`` / ``"layer-skip"`` -> the default config of that kind."""
+    factory = ALIASES.get(canonical_alias(name))
     if factory is None:
         raise ValueError(
             f"draft={name!r} is not recognised; accepted strings: {', '.join(sorted(ALIASES))} "

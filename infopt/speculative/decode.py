@@ -253,7 +253,7 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def as_draft_source(target: nn.Module, draft: Any) -> DraftSource:
-    """``draft`` (model, ``"prompt_lookup"``, ``"layer_skip"``, SpecConfig, DraftSource)
+    """``draft`` (model, ``"prompt-lookup"``, ``"layer-skip"``, SpecConfig, DraftSource)
     -> a :class:`DraftSource`."""
     from .config import SpecConfig, alias_config
 
@@ -268,6 +268,6 @@ def as_draft_source(target: nn.Module, draft: Any) -> DraftSource:
     if isinstance(draft, DraftSource):
         return draft
     raise TypeError(
-        "draft must be a draft model (nn.Module), 'prompt_lookup', 'layer_skip', a SpecConfig "
+        "draft must be a draft model (nn.Module), 'prompt-lookup', 'layer-skip', a SpecConfig "
         f"or a DraftSource; got {type(draft).__name__}"
     )

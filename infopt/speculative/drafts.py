@@ -308,7 +308,7 @@ class LayerSkipDraft(ModelDraft):
         bad = [i for i in skip if not 0 < i < n]
         if bad:
             raise ValueError(
-                f"layer_skip: layers {bad} cannot be skipped; valid are 1..{n - 1} "
+                f"layer-skip: layers {bad} cannot be skipped; valid are 1..{n - 1} "
                 "(layer 0 must be kept)"
             )
         self.skip = skip

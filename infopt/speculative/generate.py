@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..api import register_handler, register_option
-from .config import ALIASES, SpecConfig, check_draft_length
+from ..api import register_check, register_handler, register_option
+from .config import ALIASES, DEPRECATED_ALIASES, SpecConfig, canonical_alias, check_draft_length
 from .decode import SpecOutput, SpecStats, as_draft_source, check_draft_model, speculative_decode
 from .drafts import DraftSource, ModelDraft
 from .sampling import Sampling
@@ -81,7 +81,7 @@ def generate(
     Args:
         target: HF causal LM.
         input_ids: ``[B, P]`` long prompts (left-padded with ``attention_mask`` for B > 1).
-        draft: a draft model sharing the tokenizer, ``"prompt_lookup"``, ``"layer_skip"``, a
+        draft: a draft model sharing the tokenizer, ``"prompt-lookup"``, ``"layer-skip"``, a
             :class:`SpecConfig`, or any :class:`DraftSource`.
         max_new_tokens / min_new_tokens: HF semantics; EOS is suppressed (in target and draft
             distributions alike) until ``min_new_tokens`` tokens exist.
@@ -112,8 +112,10 @@ def generate(
         pad_token_id = eos[0] if eos else 0
     sampling = Sampling(do_sample, temperature, top_k, top_p, eos, min_new_tokens)
     cfg = draft if isinstance(draft, SpecConfig) else None
-    if isinstance(draft, str) and draft in ALIASES:
-        cfg = ALIASES[draft]()
+    if isinstance(draft, str):
+        draft = canonical_alias(draft)
+        if draft in ALIASES:
+            cfg = ALIASES[draft]()
     if num_draft_tokens is None:
         num_draft_tokens = cfg.num_draft_tokens if cfg else 4
     if max_draft_tokens is None and cfg is not None:
@@ -344,9 +346,29 @@ register_option(
     SpecConfig,
     ALIASES,
     description="speculative decoding in model.generate (prompt lookup, layer skip, draft model)",
+    deprecated=DEPRECATED_ALIASES,
 )
 
 
 @register_handler(SpecConfig)
 def _apply_spec(model: nn.Module, config: SpecConfig) -> None:
+    # A model whose generate already runs on the batching engine (wrap_model(kv=...)) takes
+    # the drafts inside that engine: one generation loop, not a second generate wrapper.
+    attach = getattr(model, "_infopt_attach_spec", None)
+    if attach is not None:
+        attach(config)
+        return
     _install(model, config.build(model), config)
+
+
+@register_check(SpecConfig)
+def _check_spec(model: nn.Module, config: SpecConfig) -> None:
+    missing = [a for a in ("generate", "generation_config", "config") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"spec=... needs a transformers causal LM (generate, generation_config, config); "
+            f"{type(model).__name__} has no {', '.join(missing)}"
+        )
+    check = getattr(config, "check", None)
+    if callable(check):
+        check(model)
