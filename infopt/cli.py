@@ -210,6 +210,12 @@ def _add_bench_serve_parser(sub: Any) -> None:
         "--threads", type=_int_at_least(1), metavar="N", help="torch threads (default: torch's)"
     )
     s.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    s.add_argument(
+        "--url", metavar="URL",
+        help="also run the workload against a live server (e.g. http://127.0.0.1:8000 from "
+        "`infopt serve`); default rows are then just `engine`, the in-process reference",
+    )  # fmt: skip
+    s.add_argument("--api-key", metavar="KEY", help="bearer key for --url")
     s.set_defaults(func=_cmd_bench_serve)
 
 
@@ -226,9 +232,23 @@ def _cmd_bench_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if hf and not math.isinf(args.request_rate):
         parser.error(f"argument --rows: {', '.join(hf)} run offline only; drop them or leave "
                      "--request-rate at inf")
+    reqs = None
+    rows = args.rows
+    if args.url:
+        if not args.url.startswith(("http://", "https://")):
+            parser.error(f"argument --url: expected http://HOST:PORT, got {args.url!r}")
+        import infopt
+        from infopt.batching.workload import sample_requests
+
+        _, tok = infopt.load_model(args.model, dtype=torch.float32)
+        reqs = sample_requests(tok, args.num_requests, seed=args.seed,
+                               max_output_tokens=args.max_output_tokens)
+        rows = rows or ["engine"]
+    extra = {"requests": reqs} if reqs is not None else {}
     res = serve.run_serve_bench(
         args.model,
-        args.rows,
+        rows,
+        **extra,
         num_requests=args.num_requests,
         max_output_tokens=args.max_output_tokens,
         request_rate=args.request_rate,
@@ -240,6 +260,24 @@ def _cmd_bench_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         threads=args.threads,
         progress=not args.quiet,
     )
+    if args.url:
+        from .bench.serve_client import run_url_bench
+
+        arrivals = serve.poisson_arrivals(args.num_requests, args.request_rate, args.seed)
+        try:
+            row = run_url_bench(args.url, reqs, arrivals, api_key=args.api_key)
+        except Exception as e:  # noqa: BLE001 - reported like a failed row
+            row = serve.ServeRow("server", f"infopt serve at {args.url}")
+            row.error = f"{type(e).__name__}: {e}"
+        res.rows.append(row)
+        base = next((r for r in res.rows if r.name == "engine" and r.error is None), None)
+        if base is not None and row.error is None:
+            ratio = row.metrics["output_tok_s"] / base.metrics["output_tok_s"]
+            row.ratios = {"output_tok_s": ratio}
+            itl = row.metrics["itl_ms"]
+            print(f"server vs in-process engine: {ratio:.3f}x output tok/s "
+                  f"({100 * (1 - ratio):.1f} % lost); inter-chunk latency p50 "
+                  f"{itl.get('p50', math.nan):.1f} ms, p99 {itl.get('p99', math.nan):.1f} ms")
     print(res.format_table())
     if args.json:
         path = res.write_json(args.json)

@@ -122,6 +122,10 @@ def failing_spec(monkeypatch):
         raise RuntimeError("draft build failed")
 
     monkeypatch.setattr(sp.PromptLookupConfig, "build", boom)
+    # After kv=..., spec joins the kv engine as a proposer instead of building a draft source.
+    import infopt.batching.hf_generate as hfg
+
+    monkeypatch.setattr(hfg, "build_proposer", lambda cfg: boom(cfg, None))
 
 
 @pytest.mark.parametrize("options", [

@@ -564,7 +564,8 @@ def test_stream_text_holds_back_partial_characters_and_stop_prefixes():
 
 @pytest.mark.parametrize("argv,needle", [
     (["--kv", "int8"], "manages its own paged KV"),
-    (["--spec", "ngram"], "no speculative decoding"),
+    (["--spec", "ngram"], "accepted values"),
+    (["--spec", "layer-skip"], "draft KV cache"),
     (["--quant", "bogus"], "--quant"),
     (["--port", "70000"], "--port"),
     (["--block-size", "3"], "block_size"),
@@ -576,3 +577,44 @@ def test_cli_refuses_with_a_clear_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--model", "smollm2-135m", *argv])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_bench_serve_url_client_measures_every_request(server):
+    """``infopt bench-serve --url``'s client: every request streams exactly its max_tokens
+    (ignore_eos), timings are ordered, Poisson arrivals are honoured."""
+    from infopt.batching.workload import SampledRequest
+    from infopt.bench.serve import poisson_arrivals
+    from infopt.bench.serve_client import run_url_bench
+
+    reqs = [SampledRequest(tuple(range(5, 5 + n)), "", m, str(i))
+            for i, (n, m) in enumerate([(4, 5), (9, 3), (6, 8), (12, 2)])]
+    arrivals = poisson_arrivals(len(reqs), 20.0, seed=1)
+    row = run_url_bench(server.url, reqs, arrivals, api_key=KEY)
+    assert [r.num_generated for r in row.records] == [5, 3, 8, 2]
+    for r, a in zip(row.records, arrivals):
+        assert r.arrival >= a - 1e-3 and r.arrival <= r.first_token <= r.finished
+    m = row.metrics
+    assert m["output_tokens"] == 18 and m["output_tok_s"] > 0 and m["ttft_ms"]["p50"] > 0
+    assert m["itl_ms"]["p99"] >= m["itl_ms"]["p50"] > 0
+    with pytest.raises(ValueError, match="--url"):
+        run_url_bench("127.0.0.1:1", reqs, arrivals)
+    server.wait_idle()
+
+
+def test_prompt_lookup_server_keeps_greedy_output_and_counts_drafts(model_dir, reference,
+                                                                    tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-spec") / "server.log"
+    s = start_server(model_dir, log, "--spec", "prompt-lookup")
+    try:
+        _, tok = reference
+        prompt = tok("abcabcabcabcabcabc", add_special_tokens=False)["input_ids"]
+        want, n, _ = ref_text(reference, prompt, 24)
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        m = s.wait_idle()
+        assert m["infopt_spec_draft_tokens_total"] > 0
+        assert 0 <= m["infopt_spec_accepted_tokens_total"] <= m["infopt_spec_draft_tokens_total"]
+    finally:
+        s.stop()
+

@@ -17,8 +17,8 @@ _KV_REFUSED = (
     "reuse shared prefixes"
 )
 _SPEC_REFUSED = (
-    "--spec is not supported by infopt serve: the batching engine has no speculative decoding "
-    "yet; serve without it"
+    "argument --spec: the batching engine runs prompt lookup (--spec prompt-lookup); draft-model "
+    "and layer-skip drafting need a draft KV cache it does not have yet"
 )
 
 
@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", metavar="Q", help="wrap_model(quant=Q) before the engine is "
                    "built (see infopt.accepted_options())")
     p.add_argument("--kv", metavar="KV", help="refused: the engine manages its own KV cache")
-    p.add_argument("--spec", metavar="SPEC", help="refused: the engine has no speculation yet")
+    p.add_argument("--spec", metavar="SPEC",
+                   help="speculative decoding inside the engine: prompt-lookup (n-gram drafts)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (float32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--host", default="127.0.0.1",
@@ -116,8 +117,16 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     if args.kv is not None:
         parser.error(_KV_REFUSED)
+    spec = None
     if args.spec is not None:
-        parser.error(_SPEC_REFUSED)
+        from ..api import parse_option
+
+        try:
+            spec = parse_option("spec", args.spec)
+        except ValueError as e:
+            parser.error(f"argument --spec: {e}")
+        if type(spec).__name__ != "PromptLookupConfig":
+            parser.error(_SPEC_REFUSED)
     if args.quant is not None:
         from ..api import parse_option
 
@@ -134,6 +143,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
             max_model_len=args.max_model_len,
             enable_prefix_caching=args.enable_prefix_caching,
             kv_cache_dtype=args.kv_cache_dtype,
+            speculative=spec,
         )
         return ServeConfig(
             model=args.model, served_model_name=args.served_model_name, quant=args.quant,

@@ -91,6 +91,10 @@ class ServerMetrics:
                                      "requests", registry=r)
         self.generation_tokens = Counter("infopt_generation_tokens", "output tokens of "
                                          "finished requests", registry=r)
+        self.spec_draft = Counter("infopt_spec_draft_tokens", "speculative draft tokens "
+                                  "verified (finished requests)", registry=r)
+        self.spec_accepted = Counter("infopt_spec_accepted_tokens", "of which the model kept; "
+                                     "acceptance = accepted / draft", registry=r)
         self.rejected = Counter("infopt_http_errors", "requests answered with an error status",
                                 ["status"], registry=r)
         r.register(_EngineCollector(host))
@@ -105,6 +109,8 @@ class ServerMetrics:
         self.finished.labels(out.finish_reason or "unknown").inc()
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(len(out.token_ids))
+        self.spec_draft.inc(m.num_draft_tokens)
+        self.spec_accepted.inc(m.num_accepted_tokens)
 
     def ended(self, reason: str) -> None:
         """A request that ended without a finished snapshot (timeout, disconnect)."""
