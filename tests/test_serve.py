@@ -563,7 +563,8 @@ def test_stream_text_holds_back_partial_characters_and_stop_prefixes():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--kv", "int8"], "manages its own paged KV"),
+    (["--kv", "int8"], "accepted values"),
+    (["--kv", "paged-int8", "--kv-cache-dtype", "fp8"], "conflicts"),
     (["--spec", "ngram"], "accepted values"),
     (["--spec", "layer-skip"], "draft KV cache"),
     (["--quant", "bogus"], "--quant"),
@@ -617,4 +618,17 @@ def test_prompt_lookup_server_keeps_greedy_output_and_counts_drafts(model_dir, r
         assert 0 <= m["infopt_spec_accepted_tokens_total"] <= m["infopt_spec_draft_tokens_total"]
     finally:
         s.stop()
+
+
+def test_kv_alias_maps_to_the_engine_pool():
+    import argparse
+
+    from infopt.serve.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--model", "m", "--kv", "paged-prefix"]), p)
+    assert cfg.engine.enable_prefix_caching and cfg.engine.kv_cache_dtype == "auto"
+    cfg = config_from_args(p.parse_args(["--model", "m", "--kv", "paged-int8"]), p)
+    assert cfg.engine.kv_cache_dtype == "int8" and not cfg.engine.enable_prefix_caching
 

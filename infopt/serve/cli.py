@@ -12,9 +12,9 @@ from collections.abc import Sequence
 __all__ = ["add_arguments", "config_from_args", "main", "run"]
 
 _KV_REFUSED = (
-    "--kv is not supported by infopt serve: the batching engine manages its own paged KV "
-    "cache. Use --kv-cache-dtype int8|fp8 for a quantized pool and --enable-prefix-caching to "
-    "reuse shared prefixes"
+    "argument --kv: eviction policies (streaming, h2o) do not run in the batching engine; it "
+    "takes paged, paged-prefix, paged-int8, paged-fp8 (or --kv-cache-dtype and "
+    "--enable-prefix-caching)"
 )
 _SPEC_REFUSED = (
     "argument --spec: the batching engine runs prompt lookup (--spec prompt-lookup); draft-model "
@@ -73,7 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the name clients send as 'model' (default: --model as given)")
     p.add_argument("--quant", metavar="Q", help="wrap_model(quant=Q) before the engine is "
                    "built (see infopt.accepted_options())")
-    p.add_argument("--kv", metavar="KV", help="refused: the engine manages its own KV cache")
+    p.add_argument("--kv", metavar="KV", help="a wrap_model(kv=...) alias for the engine's pool: "
+                   "paged, paged-prefix (= --enable-prefix-caching), paged-int8, paged-fp8 "
+                   "(= --kv-cache-dtype)")
     p.add_argument("--spec", metavar="SPEC",
                    help="speculative decoding inside the engine: prompt-lookup (n-gram drafts)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (float32)")
@@ -115,8 +117,20 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from ..batching.params import EngineConfig
     from .config import ServeConfig
 
+    prefix, kv_dtype = args.enable_prefix_caching, args.kv_cache_dtype
     if args.kv is not None:
-        parser.error(_KV_REFUSED)
+        from ..api import parse_option
+
+        try:
+            kv = parse_option("kv", args.kv)
+        except ValueError as e:
+            parser.error(f"argument --kv: {e}")
+        if kv.policy != "full":
+            parser.error(_KV_REFUSED)
+        if kv.cache_dtype != "auto" and kv_dtype not in ("auto", kv.cache_dtype):
+            parser.error(f"argument --kv: {args.kv} conflicts with --kv-cache-dtype {kv_dtype}")
+        prefix = prefix or kv.prefix_caching
+        kv_dtype = kv.cache_dtype if kv.cache_dtype != "auto" else kv_dtype
     spec = None
     if args.spec is not None:
         from ..api import parse_option
@@ -141,8 +155,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
             block_size=args.block_size,
             num_blocks=args.num_blocks,
             max_model_len=args.max_model_len,
-            enable_prefix_caching=args.enable_prefix_caching,
-            kv_cache_dtype=args.kv_cache_dtype,
+            enable_prefix_caching=prefix,
+            kv_cache_dtype=kv_dtype,
             speculative=spec,
         )
         return ServeConfig(
