@@ -164,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
 
     sub.add_parser("models", help="list the model registry").set_defaults(func=_cmd_models)
-    sub.add_parser("ops", help="kernel backend report").set_defaults(func=_cmd_ops)
+    o = sub.add_parser("ops", help="kernel backend report")
+    o.add_argument(
+        "--require", metavar="B[,B]", default="",
+        help="exit 1 if any op that implements one of these backends (cpp, triton, cuda) "
+        "cannot run it here, e.g. an installed wheel whose C++ kernels do not build",
+    )  # fmt: skip
+    o.set_defaults(func=_cmd_ops)
     return parser
 
 
@@ -405,9 +411,23 @@ def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 def _cmd_ops(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import ops
+    from .ops.registry import Backend
 
+    wanted = [b.strip() for b in args.require.split(",") if b.strip()]
+    kernels = [b.value for b in Backend if b.value not in ("auto", "reference")]
+    bad = [b for b in wanted if b not in kernels]
+    if bad:
+        parser.error(f"argument --require: unknown backend(s) {bad}; accepted: {kernels}")
     print(ops.format_backend_report())
-    return 0
+    missing = []
+    for op, info in ops.backend_report().items():
+        for b in wanted:
+            reason = info["unavailable"].get(b)
+            if reason is not None:
+                missing.append(f"{op}: {b}: {reason}")
+    for line in missing:
+        print(f"infopt ops: required backend missing: {line}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _hint(command: str | None, err: BaseException) -> str:

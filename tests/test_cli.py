@@ -112,3 +112,18 @@ def test_bench_end_to_end_on_default_model(capsys, tmp_path):
     assert all(v == 1.0 for v in d["rows"][0]["ratios"].values())
     assert d["rows"][1]["ratios"]["model_bytes"] == pytest.approx(0.5, rel=0.02)
     assert d["rows"][1]["eval"]["kl_mean"] > 0
+
+
+def test_ops_require_exits_1_naming_missing_backends(capsys, monkeypatch):
+    from infopt import ops
+    from infopt.ops import registry
+
+    code, out, err = run_main(capsys, "ops", "--require", "cpp")
+    assert code == 0 and "rms_norm" in out and "required backend missing" not in err
+    code, _, err = run_main(capsys, "ops", "--require", "gpu")
+    assert code == 2 and "--require" in err and "'cpp', 'triton', 'cuda'" in err
+    report = registry.backend_report()
+    report["rms_norm"]["unavailable"]["cpp"] = "C++ sources (csrc/) not found"
+    monkeypatch.setattr(ops, "backend_report", lambda probe=True: report)
+    code, _, err = run_main(capsys, "ops", "--require", "cpp")
+    assert code == 1 and "rms_norm: cpp: C++ sources (csrc/) not found" in err

@@ -62,7 +62,9 @@ def test_installed_wheel_builds_and_runs_the_cpp_kernels(tmp_path):
     module, csrc = where.split()
     assert module.startswith(str(site)) and csrc == str(site / "infopt" / "csrc"), where
 
-    report = _run([str(venv / "bin" / "infopt"), "ops"], cwd=tmp_path, env=env)
+    # --require cpp: exit status 1 (and _run fails) if any op's C++ kernel cannot run.
+    report = _run([str(venv / "bin" / "infopt"), "ops", "--require", "cpp"], cwd=tmp_path,
+                  env=env)
     # Every op with a C++ kernel lists it as available (int4_tiled_linear is CUDA-only).
     assert "unavailable cpp" not in report and "csrc/) not found" not in report, report
     available, op = {}, None
