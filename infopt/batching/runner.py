@@ -16,7 +16,7 @@ import torch
 
 from ..kvcache.config import KVConfig
 from ..kvcache.forward import ForwardContext, PagedRows, forward_context
-from ..kvcache.hf import ATTN_NAME, register
+from ..kvcache.hf import attention_shapes, switch_to_paged
 from ..kvcache.pool import KVPool
 from .params import EngineConfig
 from .plan import StepPlan
@@ -60,15 +60,6 @@ def layer_windows(model: Any) -> tuple[int | None, ...]:
     return (None,) * n
 
 
-def attention_shapes(model: Any) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)``."""
-    cfg = text_config(model)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
-
-
 def _available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -104,17 +95,7 @@ class ModelRunner:
             raise NotImplementedError(f"{type(model).__name__}: encoder-decoder models")
         self.model = model
         self.windows = layer_windows(model)
-        register()
-        try:
-            model.set_attn_implementation(ATTN_NAME)
-        except Exception as e:
-            raise ValueError(f"{type(model).__name__} cannot switch to {ATTN_NAME!r}: {e}") from e
-        if model.config._attn_implementation != ATTN_NAME:
-            raise ValueError(
-                f"{type(model).__name__} does not dispatch attention through transformers' "
-                f"AttentionInterface (attn_implementation stayed "
-                f"{model.config._attn_implementation!r})"
-            )
+        switch_to_paged(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if not self.dtype.is_floating_point:

@@ -34,6 +34,7 @@ __all__ = [
     "model_pool",
     "paged_cache_generate",
     "register",
+    "switch_to_paged",
 ]
 
 ATTN_NAME = "infopt_paged"
@@ -242,18 +243,10 @@ def _tokens_hint(model: Any, config: KVConfig, args: tuple, kwargs: dict) -> int
     return rows * -(-total // bs) * bs
 
 
-def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
-    """Make ``model`` attend through the paged kernels and ``model.generate`` use a fresh
-    :class:`PagedCache` per call (unless the caller passes ``past_key_values``). In place.
-
-    Raises ``TypeError`` for non-HF modules and ``ValueError``/``NotImplementedError`` naming the
-    cause for models whose attention cannot use transformers' AttentionInterface.
-    """
-    config = config or KVConfig()
-    _check_model(model)
+def switch_to_paged(model: Any) -> None:
+    """Register ``"infopt_paged"`` and make ``model`` attend through it; ``ValueError`` naming
+    the cause when its attention does not dispatch through transformers' AttentionInterface."""
     register()
-    previous = getattr(model, _ORIG_ATTR, None)
-    old_impl = previous[1] if previous else model.config._attn_implementation
     try:
         model.set_attn_implementation(ATTN_NAME)
     except Exception as e:
@@ -264,6 +257,20 @@ def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
             "dispatch through transformers' AttentionInterface (attn_implementation stayed "
             f"{model.config._attn_implementation!r})"
         )
+
+
+def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
+    """Make ``model`` attend through the paged kernels and ``model.generate`` use a fresh
+    :class:`PagedCache` per call (unless the caller passes ``past_key_values``). In place.
+
+    Raises ``TypeError`` for non-HF modules and ``ValueError``/``NotImplementedError`` naming the
+    cause for models whose attention cannot use transformers' AttentionInterface.
+    """
+    config = config or KVConfig()
+    _check_model(model)
+    previous = getattr(model, _ORIG_ATTR, None)
+    old_impl = previous[1] if previous else model.config._attn_implementation
+    switch_to_paged(model)
     original = previous[0] if previous else model.generate
 
     @functools.wraps(original)
