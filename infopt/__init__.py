@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 _LAZY_SUBMODULES = {
-    "ops", "eval", "bench", "models", "cli", "modules", "quant", "kvcache", "speculative",
+    "ops", "eval", "bench", "models", "cli", "module_walk", "quant", "kvcache", "speculative",
 }
 
 

@@ -395,7 +395,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .models import get_spec, list_models, model_dir, resolve_cache_dir
-    from .models.cache import check_model_dir
+    from .models.disk_cache import check_model_dir
 
     names = list_models()
     width = max(len(n) for n in names)

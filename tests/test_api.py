@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import infopt
 from infopt import api
 from infopt.config import InfoptConfig, register_config
-from infopt.modules import iter_modules, matches_any, replace_modules
+from infopt.module_walk import iter_modules, matches_any, replace_modules
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

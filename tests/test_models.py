@@ -32,7 +32,7 @@ from infopt.models import (
     load_model,
 )
 from infopt.models import loader as loader_mod
-from infopt.models.cache import (
+from infopt.models.disk_cache import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
     check_model_dir,

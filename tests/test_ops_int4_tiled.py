@@ -122,7 +122,7 @@ def test_errors_name_the_argument():
 def test_int4_linear_tiled_copy_follows_its_buffers():
     """The module's tiled copy (device-agnostic, so checked here) is cached, rebuilt after an
     in-place write or a replaced buffer, and untiles to the current buffers."""
-    from infopt.quant.modules import Int4Linear
+    from infopt.quant.qlinear import Int4Linear
 
     torch.manual_seed(0)
     mod = Int4Linear.from_linear(torch.nn.Linear(2048, 20), group_size=128)
@@ -182,7 +182,7 @@ def test_cuda_backend_refuses_float32_x():
 
 def test_int4_linear_routes_cuda_calls_through_the_tiled_kernel():
     _require(TILED, "cuda", "cuda")
-    from infopt.quant.modules import Int4Linear
+    from infopt.quant.qlinear import Int4Linear
 
     def ran():
         return backend_report()[TILED]["ran"].get("cuda", 0)

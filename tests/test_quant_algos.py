@@ -17,7 +17,7 @@ from infopt.quant.awq import (
     damp_cov,
     smoothquant_scale,
 )
-from infopt.quant.calibrated import InputStats, collect_stats
+from infopt.quant.blockwise import InputStats, collect_stats
 from infopt.quant.structure import (
     capture_block_inputs,
     find_blocks,
@@ -245,7 +245,7 @@ def test_collect_stats_matches_direct_computation():
 @pytest.mark.parametrize("tile", [7, 16, 64])
 def test_collect_stats_tiled_gram_matches_full(monkeypatch, tile):
     # Tiles of 7 over the MLP's K = 96 (ragged last tile) and its K = 64 inputs; 64: one tile.
-    import infopt.quant.calibrated as cal
+    import infopt.quant.blockwise as cal
 
     model = _tiny()
     _, blocks = find_blocks(model)
@@ -302,7 +302,7 @@ def test_calibration_ids_deterministic_and_disjoint_text():
         q.calibration_ids(tok, 1, 10**6)
     # Calibration must not overlap the evaluation text (the start of the Lee corpus).
     from infopt.eval import lee_articles
-    from infopt.quant.calibration import calibration_text
+    from infopt.quant.calib_data import calibration_text
 
     calib_text = calibration_text("lee")
     assert all(a not in calib_text for a in lee_articles()[:30])

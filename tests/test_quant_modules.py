@@ -367,7 +367,7 @@ def test_modules_on_cuda_match_cpu(kind):
     x = torch.randn(4, 7, 256)
     ref = cpu_mod(x)
     out = gpu_mod(x.cuda()).cpu()
-    native = kind == "fp8" and q.kernels.fp8_native_available("cuda")
+    native = kind == "fp8" and q.matmul.fp8_native_available("cuda")
     if kind == "fp8":
         assert gpu_mod.emulated is not native
     # Native fp8 rounds its output to bf16; everything else is fp32 math on both devices.

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from infopt.models import DEFAULT_MODEL, MODEL_REGISTRY, ModelFetchError, ensure_model, load_model
 from infopt.models import loader as loader_mod
-from infopt.models.cache import (
+from infopt.models.disk_cache import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     WEIGHTS_NAME,

@@ -16,8 +16,8 @@ import infopt
 import infopt.quant as q
 import infopt.speculative as sp
 from infopt.logs import progress_enabled, set_progress
-from infopt.models.cache import file_lock
-from infopt.quant.calibration import calibration_ids
+from infopt.models.disk_cache import file_lock
+from infopt.quant.calib_data import calibration_ids
 
 IDS = torch.randint(0, 101, (1, 8), generator=torch.Generator().manual_seed(3))
 CALIB = torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(5))

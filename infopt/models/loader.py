@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from infopt.logs import progress_enabled
-from infopt.models.cache import (
+from infopt.models.convert import convert_gguf_to_hf
+from infopt.models.disk_cache import (
     WEIGHTS_NAME,
     check_model_dir,
     file_lock,
@@ -28,7 +29,6 @@ from infopt.models.cache import (
     resolve_cache_dir,
     write_manifest,
 )
-from infopt.models.convert import convert_gguf_to_hf
 from infopt.models.errors import ModelFetchError
 from infopt.models.fetch import fetch_gguf
 from infopt.models.registry import DEFAULT_MODEL, MODEL_REGISTRY, get_spec, list_models

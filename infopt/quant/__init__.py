@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..api import register_check, register_handler, register_option
-from .calibration import calibration_ids, check_calibration_source
+from .calib_data import calibration_ids, check_calibration_source
 from .config import FP8Config, Int4WeightOnlyConfig, Int8WeightOnlyConfig, QuantConfig, W8A8Config
 from .formats import (
     dequantize_fp8,
@@ -32,7 +32,7 @@ from .formats import (
     unpack_int4,
 )
 from .gptq import gptq_quantize
-from .modules import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
+from .qlinear import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
 from .quantize import (
     check_quantizable,
     is_quantized,

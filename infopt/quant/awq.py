@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .calibrated import InputStats, collect_stats
+from .blockwise import InputStats, collect_stats
 from .formats import fake_quantize_int4, num_groups
-from .modules import Int4Linear, W8A8Linear
+from .qlinear import Int4Linear, W8A8Linear
 from .structure import BlockInputs, apply_fold, find_fold, set_tensor
 
 __all__ = [

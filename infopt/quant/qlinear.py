@@ -1,7 +1,7 @@
 """Quantized drop-in replacements for ``nn.Linear``.
 
 Each module holds its quantized weight as buffers, keeps the bias in the model's dtype, and
-computes ``y [..., N]`` from ``x [..., K]`` in ``x``'s dtype through :mod:`.kernels` (the one
+computes ``y [..., N]`` from ``x [..., K]`` in ``x``'s dtype through :mod:`.matmul` (the one
 place that picks a matmul implementation). An optional ``in_scale [K]`` buffer is an explicit
 per-input-channel multiplier applied to ``x`` first: AWQ / SmoothQuant scales that could not
 be folded into a previous op.
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from . import kernels
+from . import matmul
 from .formats import check_group_size, num_groups, quantize_fp8, quantize_int4, quantize_int8
 
 __all__ = [
@@ -98,10 +98,10 @@ class QuantizedLinear(nn.Module):
         except (AttributeError, IndexError):  # not a tensor / 0-d: the validator says why
             key = None
         if key is None or key != self.__dict__.get("_checked_key"):
-            kernels.validate(op, args)
+            matmul.validate(op, args)
             # Keeping the checked objects alive keeps their ids from being reused.
             self._checked_key, self._checked_refs = key, weights
-        return kernels.run_validated(op, args)
+        return matmul.run_validated(op, args)
 
     def _format_repr(self) -> str:
         return self.FORMAT
@@ -245,7 +245,7 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers
-        if self._act_dtype is None and kernels.int4_tiled_ready(
+        if self._act_dtype is None and matmul.int4_tiled_ready(
             x, self.in_features, self.group_size
         ):
             codes, meta = self._tiled_weights()
@@ -267,7 +267,7 @@ class Int4Linear(QuantizedLinear):
         key = tuple((t.data_ptr(), _version(t)) for t in (b["qweight"], b["scale"], b["zero"]))
         cached = self.__dict__.get("_tiled")
         if cached is None or cached[0] != key:
-            codes, meta = kernels.int4_tile(b["qweight"], b["scale"], b["zero"], self.group_size)
+            codes, meta = matmul.int4_tile(b["qweight"], b["scale"], b["zero"], self.group_size)
             cached = self._tiled = (key, codes, meta)
         return cached[1], cached[2]
 
@@ -303,7 +303,7 @@ class FP8Linear(QuantizedLinear):
             "weight_fp8", torch.zeros(out_features, in_features, dtype=torch.uint8)
         )
         self.register_buffer("scale", torch.ones(out_features))
-        self.emulated = not kernels.fp8_native_available(self.weight_fp8.device)
+        self.emulated = not matmul.fp8_native_available(self.weight_fp8.device)
 
     @classmethod
     def from_linear(
@@ -319,7 +319,7 @@ class FP8Linear(QuantizedLinear):
         w8, mod.scale = quantize_fp8(w.detach())
         mod.weight_fp8 = w8.view(torch.uint8)
         mod = mod.to(linear.weight.device)
-        mod.emulated = not kernels.fp8_native_available(linear.weight.device)
+        mod.emulated = not matmul.fp8_native_available(linear.weight.device)
         return mod
 
     @property
@@ -329,7 +329,7 @@ class FP8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_e4m3
-        self.emulated = not kernels.fp8_native_ok(x, w)
+        self.emulated = not matmul.fp8_native_ok(x, w)
         if self.emulated and not FP8Linear._warned:
             FP8Linear._warned = True
             warnings.warn(
@@ -338,7 +338,7 @@ class FP8Linear(QuantizedLinear):
                 "(quantize -> dequantize in fp32): quality is fp8's, speed is not",
                 RuntimeWarning, stacklevel=2,
             )
-        return kernels.linear_fp8(self._prescale(x), w, self.scale, self.bias)
+        return matmul.linear_fp8(self._prescale(x), w, self.scale, self.bias)
 
     def _format_repr(self) -> str:
         return f"fp8 e4m3 per-channel, per-token fp8 activations, emulated={self.emulated}"

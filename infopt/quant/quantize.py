@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..modules import matches_any, replace_modules
+from ..module_walk import matches_any, replace_modules
 from .awq import awq_block, smooth_block
-from .calibrated import collect_stats, run_sequential
-from .calibration import calibration_ids, resolve_tokenizer
+from .blockwise import collect_stats, run_sequential
+from .calib_data import calibration_ids, resolve_tokenizer
 from .config import (
     FP8Config,
     Int4WeightOnlyConfig,
@@ -26,7 +26,7 @@ from .config import (
 )
 from .gptq import gptq_quantize
 from .hugepages import hugepage_copy
-from .modules import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
+from .qlinear import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
 from .structure import BlockInputs
 
 __all__ = [

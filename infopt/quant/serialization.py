@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..api import APPLIED_ATTR
 from .config import QuantConfig
-from .modules import QuantizedLinear, _class_and_kwargs
+from .qlinear import QuantizedLinear, _class_and_kwargs
 from .quantize import QUANT_ATTR, is_quantized, move_to_hugepages, refuse_save_pretrained
 
 __all__ = ["WEIGHTS_NAME", "CheckpointError", "load_quantized", "save_quantized"]

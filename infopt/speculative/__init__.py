@@ -13,7 +13,7 @@ processed distribution exactly (rejection sampling). See ``docs/speculative.md``
 """
 
 from .bench import register_bench_configs
-from .cache import CachedLM, crop_cache
+from .cached_lm import CachedLM, crop_cache
 from .config import DraftModelConfig, LayerSkipConfig, PromptLookupConfig, SpecConfig
 from .decode import SpecOutput, SpecStats, speculative_decode
 from .drafts import (

@@ -2,7 +2,7 @@
 
 Batch > 1: rows advance by different amounts. The target and every model draft keep one KV
 cache per model whose length is the slowest active row's committed length; faster rows re-feed
-their extra committed tokens in the next chunk (see :mod:`infopt.speculative.cache`). This keeps
+their extra committed tokens in the next chunk (see :mod:`infopt.speculative.cached_lm`). This keeps
 every cache dense and exact at the cost of re-computing at most ``k + 1`` tokens per row per
 step, and needs no per-row caches.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .cache import CachedLM, build_chunk
+from .cached_lm import CachedLM, build_chunk
 from .drafts import DraftContext, DraftSource, ModelDraft
 from .sampling import (
     Sampling,

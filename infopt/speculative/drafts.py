@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from .cache import CachedLM, build_chunk
+from .cached_lm import CachedLM, build_chunk
 from .sampling import NO_TOKEN, Sampling, sample
 
 
