@@ -15,7 +15,7 @@ from ..config import InfoptConfig, register_config
 
 __all__ = ["KV_ALIASES", "KVConfig"]
 
-# Values accepted now; the later phases extend these tuples.
+# Accepted values of cache_dtype and policy (validated in __post_init__).
 SUPPORTED_CACHE_DTYPES = ("auto", "int8", "fp8")
 SUPPORTED_POLICIES = ("full", "streaming", "h2o")
 

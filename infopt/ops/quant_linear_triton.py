@@ -65,7 +65,7 @@ def _tiles(m: int, block_k: int, interpreted: bool) -> tuple[int, int, int, bool
     ``tl.dot`` tiles whenever there are more than 4 rows and a K tile of >= 16: at BLOCK_M = 16
     (M <= 16) they compile to a cp.async-pipelined HMMA / IMMA loop on sm_80 / sm_90, while the
     broadcast-multiply-reduce tile at 16 x 16 x 128 spills (255 registers, 216 B of stack) and
-    shuffles ~1600 times per program (SASS, session 7). The broadcast tile is left for M <= 4
+    shuffles ~1600 times per program (its SASS). The broadcast tile is left for M <= 4
     (the decode kernels take those calls when the group size allows) and K tiles < 16: 16 weight
     rows per program so even N = 4096 gives 256 programs, the [BM, BN, BK] product tile capped
     at 8K fp32 values. The interpreter prefers few, large programs (numpy per program).

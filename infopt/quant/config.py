@@ -72,9 +72,10 @@ class QuantConfig(InfoptConfig):
 
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = ("lm_head",)
-    # 32 windows of 512 rather than 64 of 256 (same 16384 tokens, same cost): on Qwen2.5-1.5B
-    # the longer windows are what makes AWQ beat RTN's perplexity (docs/quant.md, sessions
-    # 10-11); a 256-token window also doubles the weight of the attention-sink token.
+    # 32 windows of 512 rather than 64 of 256 (same 16384 tokens, same cost): windows as long
+    # as the evaluation's are what makes AWQ beat RTN's perplexity on Qwen2.5-1.5B
+    # (docs/results.md, "AWQ calibration window length"); a 256-token window also doubles the
+    # weight of the attention-sink token.
     calib_samples: int = 32
     calib_seq_len: int = 512
     calib_text: str = "lee"
@@ -135,12 +136,12 @@ class Int4WeightOnlyConfig(QuantConfig):
         awq_clip: AWQ only: also search a per-group range-shrink ratio (and score each alpha
             by its error after that search).
         awq_damp: AWQ only: ridge added to the calibration covariance's diagonal for both
-            searches, as a fraction of its mean (like ``damp`` for GPTQ; see docs/quant.md).
+            searches, as a fraction of its mean (like ``damp`` for GPTQ; see docs/results.md).
         act_dtype: ``None`` (default: weight-only, activations stay in the model dtype) or
             ``"int8"``: each quantized linear rounds its input to int8 per block of 32 along K
             on the fly (``ops.int4_dynamic_linear``; llama.cpp's Q4 x Q8 and IPEX's
             ``lowp_mode=INT8`` make the same trade), so that CPUs with AVX-512 VNNI run the
-            decode GEMV on int8 dot products. Same weights and file; see docs/quant.md for its
+            decode GEMV on int8 dot products. Same weights and file; see docs/results.md for its
             measured quality and speed.
     """
 

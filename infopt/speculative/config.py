@@ -68,10 +68,9 @@ class PromptLookupConfig(SpecConfig):
     max_ngram: int = 4
     min_ngram: int | None = None
     # Lookup drafts are free to produce and long copies are the point, so drafts are long and
-    # the adaptive rule is off. Measured on qwen2.5-coder-1.5b, the 3 GROUNDED_PROMPTS x 64
-    # tokens, 2 threads (tok/s incl. prefill): n-gram 3..1, k 8..16 adaptive 7.00; k 24 fixed
-    # 8.65; k 32 fixed 8.14; n-gram 4..2, k 24 fixed 9.85 (single-token matches were mostly
-    # wrong guesses that cost verification width). kw_only like the base's fields.
+    # the adaptive rule is off; n-grams start at 2 because single-token matches are mostly wrong
+    # guesses that widen every verification pass (sweep: docs/results.md, "Draft length
+    # sweeps"). kw_only like the base's fields.
     num_draft_tokens: int = dataclasses.field(default=24, kw_only=True)
     max_draft_tokens: int | None = dataclasses.field(default=None, kw_only=True)
     adaptive: bool = dataclasses.field(default=False, kw_only=True)
@@ -162,9 +161,9 @@ class DraftModelConfig(SpecConfig):
     quant: Any = None
     stop_confidence: float | None = 0.4
     # HF assisted generation's defaults (20 draft tokens, stop below 0.4 confidence): the
-    # confidence stop sizes each draft, so the adaptive rule is off. Measured on
-    # qwen2.5-coder-1.5b + int4 0.5b, 3 code prompts x 64 tokens, 2 threads: k=4 adaptive 7.88
-    # tok/s, k=8..20 adaptive + 0.4 8.98, k=20 fixed + 0.4 11.36, k=32 fixed + 0.4 12.44.
+    # confidence stop sizes each draft, so the adaptive rule is off; long confidence-stopped
+    # drafts beat the adaptive rule on the Qwen pair (sweep: docs/results.md, "Draft length
+    # sweeps").
     num_draft_tokens: int = dataclasses.field(default=20, kw_only=True)
     adaptive: bool = dataclasses.field(default=False, kw_only=True)
 
