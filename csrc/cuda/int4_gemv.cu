@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kWarps* kWarp)
 //
 // A block owns 16 output rows; its WARPS warps split K (warp w takes steps w, w + WARPS, ...),
 // each with UNROLL steps of weight loads in flight before any math, and the partial sums meet in
-// shared memory. Measured on an H100 (docs/ops.md, csrc/cuda/bench/int4_gemv_bench.cu): 16
+// shared memory. Measured on an H100 (docs/results.md, csrc/cuda/bench/int4_gemv_bench.cu): 16
 // warps x 1 step beats 8 x 4 and 4 x 8 when K has >= 16 steps (more warps hide the load latency
 // better than deeper unrolling, and each warp's math after its data lands is shorter); with
 // fewer steps 4 warps x 4 steps wins; M > 8 with N >= 4096 prefers 8 warps x 1 step.

@@ -5,7 +5,7 @@
 // (scattered lines) plus separate scale and zero arrays; here a warp's k step (16 rows x 128 k)
 // is one contiguous 1 KB chunk, read by two fully coalesced 512-byte loads, and the 16 rows'
 // scales and zero points for the step sit together in one 80-byte record. Measured on an H100
-// (docs/ops.md): a load-only pass over this layout runs at the plain streaming-read floor, the
+// (docs/results.md): a load-only pass over this layout runs at the plain streaming-read floor, the
 // row-major layout's pattern 0.4 us above it.
 //
 // Math (as int4_gemv.cu's tensor-core path): mma.sync m16n8k16, A = 16 weight rows dequantized
@@ -18,7 +18,7 @@
 // step (two 16-byte weight loads per thread) per iteration, and meet in shared memory. Kept
 // deliberately simple: every variant measured that requests more weights earlier (two steps
 // per iteration, register double buffering, cp.async rings, L2 prefetch of the next steps, two
-// tiles per block, TMA bulk copies) was 0.3-1.3 us slower on the H100 (docs/ops.md).
+// tiles per block, TMA bulk copies) was 0.3-1.3 us slower on the H100 (docs/results.md).
 //
 // Only explicit conversion intrinsics: builds under torch's -D__CUDA_NO_HALF_*__ flags.
 
@@ -171,7 +171,7 @@ template <typename T>
 cudaError_t dispatch(const void* x, int64_t xs, const uint8_t* codes, const uint8_t* meta,
                      const float* bias, void* y, int64_t M, int64_t N, int steps, int G,
                      int gshift, cudaStream_t stream) {
-  // Measured on an H100 (docs/ops.md): 16 warps per tile for decode batches once K has >= 16
+  // Measured on an H100 (docs/results.md): 16 warps per tile for decode batches once K has >= 16
   // steps (K >= 2048); 8 warps with fewer steps (12 warps, one pass, were no faster at K = 1536)
   // and for two n8 tiles (M > 8).
   if (M <= 8 && steps >= 16)

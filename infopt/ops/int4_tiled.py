@@ -18,7 +18,7 @@ The tiled layout needs ``K % 128 == 0`` and ``group_size = 128 * 2**j`` (the def
 one): :func:`tiled_layout_supported` says why not otherwise. :func:`int4_tiled_linear` has the
 semantics of :func:`~infopt.ops.int4_weight_only_linear` (its reference untiles and runs that
 op's reference). Backends: ``reference`` and ``cuda`` (``csrc/cuda/int4_tiled.cu``, bf16 /
-fp16 ``x`` on sm_80+). Layout details: ``csrc/cuda/int4_tiled.h``; speed: ``docs/ops.md``.
+fp16 ``x`` on sm_80+). Layout details: ``csrc/cuda/int4_tiled.h``; speed: ``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def int4_tiled_linear(
 
 
 # Below this K the row-major kernel (int4_gemv.cu, 4 warps x 4 steps) is as fast or faster
-# (H100, K = 1536: 5.9 vs 6.0 us at M = 1, 6.0 vs 6.6-6.9 us at M = 4; docs/ops.md).
+# (H100, K = 1536: 5.9 vs 6.0 us at M = 1, 6.0 vs 6.6-6.9 us at M = 4; docs/results.md).
 MIN_ROUTED_K = 2048
 
 

@@ -62,7 +62,7 @@ def damp_cov(cov: torch.Tensor, damp: float) -> torch.Tensor:
     Why: the searches fit choices to the calibration covariance, which is noisy (rank-deficient
     when K exceeds the calibration tokens: Qwen2.5-1.5B's down_proj has K = 8960 against 8192
     tokens). The ridge adds an uncorrelated-error floor, so choices that only cancel errors
-    inside the calibration subspace are rewarded less (held-out errors: docs/quant.md).
+    inside the calibration subspace are rewarded less (held-out errors: docs/results.md).
     """
     if damp == 0:
         return cov
@@ -95,7 +95,7 @@ def awq_search_scale(
     ws = [(_row_subset(w.float()), w.shape[0]) for w in weights]
     x_mean = stats.mean_abs.float().clamp_min(1e-4)
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
-    # AutoAWQ's "duo scaling" (s = x^a / w^(1-a)) was tried as extra candidates: worse on
+    # AutoAWQ's "duo scaling" (s = x^a / w^(1-a)) as extra candidates measured worse on
     # SmolLM2-135M (g128 KL 0.188 vs 0.173), mixed on Qwen2.5-0.5B, so only s = x^a is searched.
     for j in range(grid):
         alpha = j / grid

@@ -36,7 +36,7 @@ def calibration_text(name: str = "lee") -> str:
       evaluation uses the first few thousand tokens (articles 0-~15), so calibration and
       evaluation text never overlap while sharing a distribution (English news).
     * ``"pydoc"``: CPython documentation prose (offline, no download). A different domain
-      from news: GPTQ fitted to it generalises badly to news text (see docs/quant.md).
+      from news: GPTQ fitted to it generalises badly to news text (see docs/results.md).
     """
     if name == "lee":
         from ..eval.texts import lee_articles

@@ -12,7 +12,7 @@
 // Timing: CUDA events around a CUDA-graph replay of 100 calls, median of 15 replays. Before
 // timing, each kernel's output is checked against a float64 host reference (relative L2 error).
 // Also prints two floors: an empty kernel in a graph, and a plain streaming read of as many
-// bytes as the int4 weights + scales + zero points. Figures: docs/ops.md.
+// bytes as the int4 weights + scales + zero points. Figures: docs/results.md.
 #include <cublas_v2.h>
 
 #include <algorithm>
