@@ -1,0 +1,112 @@
+"""``infopt distill`` end to end on tiny random models (output loads with load_model /
+load_quantized), argument errors, layer-truncated students/drafts and the DistillSpec
+measurement (the speculative output stays exactly the target's)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import infopt
+from infopt.cli import main
+from infopt.distill.draft import measure_speculative
+from infopt.distill.recipes import layer_truncated
+
+TOKENIZER = Path.home() / ".cache" / "infopt" / "models" / "smollm2-135m"
+
+
+def tiny(seed=0, layers=4, vocab=101):
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True)).eval()
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def test_layer_truncated_is_a_working_smaller_model():
+    target = tiny()
+    small = layer_truncated(target, [0, 1, 3])
+    assert small.config.num_hidden_layers == 3 and len(small.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in small.model.layers] == [0, 1, 2]
+    assert torch.equal(small.model.layers[2].mlp.up_proj.weight,
+                       target.model.layers[3].mlp.up_proj.weight)
+    assert small.model.layers[0] is not target.model.layers[0]  # a copy
+    ids = torch.randint(1, 101, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # cached decoding equals a full forward
+        out = small.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                             do_sample=False)
+        full = small(input_ids=out[:, :-1]).logits[0, -5:].argmax(-1)
+    assert torch.equal(out[0, -5:], full)
+    with pytest.raises(ValueError, match=r"keep must name layers in \[0, 4\)"):
+        layer_truncated(target, [0, 4])
+
+
+def test_measure_speculative_output_is_the_targets():
+    target = tiny()
+    rows = measure_speculative(target, {"draft": layer_truncated(target, 2)},
+                               [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 3]])],
+                               max_new_tokens=12, num_draft_tokens=3, repeats=1)
+    assert rows["draft"]["identical"] is True
+    assert 0.0 <= rows["draft"]["acceptance_rate"] <= 1.0 and rows["target"]["speedup"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    if not (TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("needs the cached smollm2-135m tokenizer (python -m infopt.models)")
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("distill_cli")
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    for name, layers, seed in (("teacher", 3, 1), ("student", 2, 2)):
+        m = tiny(seed, layers, vocab=len(tok))
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "data.txt").write_text("\n\n".join(
+        f"Paragraph {i}: the quick brown fox jumps over the lazy dog number {i}."
+        for i in range(100)))
+    return root
+
+
+def run_cli(models, out, *extra):
+    return main(["distill", "--teacher", str(models / "teacher"), "--student",
+                 str(models / "student"), "--data", str(models / "data.txt"), "--steps", "3",
+                 "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "64", "--quiet",
+                 "--out", str(out), *extra])
+
+
+def test_cli_int4_student_loads_with_load_quantized(models, tmp_path, capsys):
+    assert run_cli(models, tmp_path / "q", "--student-quant", "int4", "--lr", "1e-3") == 0
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed
+    model = infopt.load_quantized(tmp_path / "q")
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
+    summary = json.loads((tmp_path / "q" / "distill.json").read_text())
+    assert summary["config"]["fields"]["fake_quant"] == "int4"
+    assert summary["after"]["eval_kl"] >= 0 and summary["before"]["eval_ppl"] > 1
+
+
+def test_cli_fp_student_loads_with_load_model(models, tmp_path):
+    assert run_cli(models, tmp_path / "f", "--loss", "jsd", "--beta", "0.3",
+                   "--student-layers", "1") == 0
+    model, tok = infopt.load_model(tmp_path / "f", progress=False)
+    assert model.config.num_hidden_layers == 1
+    ids = torch.tensor([tok("hello world")["input_ids"]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_cli_bad_arguments_exit_2(models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(models, tmp_path / "b", "--beta", "2")
+    assert e.value.code == 2
+    assert "argument --beta: beta must be a number in [0.0, 1.0]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(models, tmp_path / "b", "--loss", "kl")
+    assert run_cli(models, tmp_path / "b", "--data", str(tmp_path / "missing.txt")) == 1
+    assert "is not 'sharegpt', 'text' or an existing file" in capsys.readouterr().err
