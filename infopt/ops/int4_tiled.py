@@ -26,7 +26,14 @@ from __future__ import annotations
 import torch
 
 from . import extensions, quant_ref
-from .registry import Backend, BackendImpl, get_backend, register_op, select_backend
+from .registry import (
+    Backend,
+    BackendImpl,
+    get_backend,
+    kernel_call_check,
+    register_op,
+    select_backend,
+)
 
 __all__ = [
     "int4_tile",
@@ -183,14 +190,9 @@ def _sm80(device: torch.device) -> bool:
 
 
 def _cuda_supports(x: torch.Tensor, *rest: object) -> str | None:
-    if x.dtype not in _CUDA_DTYPES:
-        return f"x dtype {x.dtype} unsupported (the tiled kernel takes bfloat16, float16)"
+    # (the dtype and autograd checks run in the registry first: kernel_call_check)
     if not _sm80(x.device):
         return "the tiled kernel needs tensor cores of sm_80+ (mma.sync bf16/fp16)"
-    if torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in (x, *rest)
-    ):
-        return "autograd needed (inputs require grad) and the kernels are inference-only"
     return None
 
 
@@ -198,10 +200,13 @@ def _cuda_op(x, codes, meta, n, group_size, bias=None):
     return torch.ops.infopt.int4_tiled_linear.default(x, codes, meta, n, group_size, bias)
 
 
+_CUDA_IMPL = BackendImpl(_cuda_op, extensions.cuda_probe, _cuda_supports, dtypes=_CUDA_DTYPES)
+
+
 register_op(
     "int4_tiled_linear",
     int4_tiled_linear_reference,
-    {Backend.CUDA: BackendImpl(_cuda_op, extensions.cuda_probe, _cuda_supports)},
+    {Backend.CUDA: _CUDA_IMPL},
 )
 
 
@@ -243,6 +248,6 @@ def tiled_cuda_ready(x: torch.Tensor, k: int, group_size: int) -> bool:
     ``cuda``) and ``K >= MIN_ROUTED_K``, where it beats the row-major kernel."""
     if not x.is_cuda or k < MIN_ROUTED_K or get_backend() not in (Backend.AUTO, Backend.CUDA):
         return False
-    if tiled_layout_supported(k, group_size) is not None or _cuda_supports(x) is not None:
+    if tiled_layout_supported(k, group_size) is not None or kernel_call_check(_CUDA_IMPL, (x,)):
         return False
     return extensions.cuda_probe("cuda") is None

@@ -61,8 +61,6 @@ __all__ = [
     "paged_attention_prefill_reference",
 ]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def paged_attention_prefill_reference(
     q: torch.Tensor,
@@ -304,16 +302,11 @@ def _kernel_supports(
     window=None,
     softcap=None,
 ):
-    if q.dtype not in _KERNEL_DTYPES:
-        return f"dtype {q.dtype} unsupported (kernels take float32, bfloat16, float16)"
+    # (the dtype and autograd checks every kernel shares run in the registry first)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         return "k/v_cache head_dim must be unit-stride"
     if k_scale is not None and not (k_scale.is_contiguous() and v_scale.is_contiguous()):
         return "k/v_scale must be contiguous"
-    if torch.is_grad_enabled() and (
-        q.requires_grad or k_cache.requires_grad or v_cache.requires_grad
-    ):
-        return "autograd needed (inputs require grad) and the kernels are inference-only"
     return None
 
 

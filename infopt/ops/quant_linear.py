@@ -49,7 +49,6 @@ QUANT_OPS = (
     "int4_dynamic_linear",
 )
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest K whose w8a8 int32 accumulation cannot overflow (127 * 127 * K < 2**31).
 _W8A8_MAX_K = 2**17
 
@@ -166,17 +165,6 @@ def run_validated(op: str, args: tuple, backend: Backend | str | None = None) ->
     return fn(*args)
 
 
-def _kernel_supports(x: torch.Tensor, *rest: object) -> str | None:
-    """Per-call check shared by the kernel backends (cheap: runs on every call)."""
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"x dtype {x.dtype} unsupported (kernels take float32, bfloat16, float16)"
-    if torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *rest)
-    ):
-        return "autograd needed (inputs require grad) and the kernels are inference-only"
-    return None
-
-
 # --- cpp / cuda: dispatcher ops torch.ops.infopt.* ---
 
 
@@ -204,17 +192,17 @@ register_op(
     "int8_weight_only_linear",
     quant_ref.int8_weight_only_linear,
     {
-        Backend.CPP: BackendImpl(_int8_op, extensions.cpp_probe, _kernel_supports),
-        Backend.TRITON: BackendImpl(_int8_triton, _triton_probe, _kernel_supports),
+        Backend.CPP: BackendImpl(_int8_op, extensions.cpp_probe),
+        Backend.TRITON: BackendImpl(_int8_triton, _triton_probe),
     },
 )
 register_op(
     "int4_weight_only_linear",
     quant_ref.int4_weight_only_linear,
     {
-        Backend.CPP: BackendImpl(_int4_op, extensions.cpp_probe, _kernel_supports),
-        Backend.TRITON: BackendImpl(_int4_triton, _triton_probe, _kernel_supports),
-        Backend.CUDA: BackendImpl(_int4_op, extensions.cuda_probe, _kernel_supports),
+        Backend.CPP: BackendImpl(_int4_op, extensions.cpp_probe),
+        Backend.TRITON: BackendImpl(_int4_triton, _triton_probe),
+        Backend.CUDA: BackendImpl(_int4_op, extensions.cuda_probe),
     },
 )
 # CPU only: the point of this op is the CPU's int8 dot product (on a GPU the weight-only op is
@@ -222,14 +210,14 @@ register_op(
 register_op(
     "int4_dynamic_linear",
     quant_ref.int4_dynamic_linear,
-    {Backend.CPP: BackendImpl(_int4_dyn_op, extensions.cpp_probe, _kernel_supports)},
+    {Backend.CPP: BackendImpl(_int4_dyn_op, extensions.cpp_probe)},
 )
 register_op(
     "int8_dynamic_linear",
     quant_ref.int8_dynamic_linear,
     {
-        Backend.CPP: BackendImpl(_w8a8_op, extensions.cpp_probe, _kernel_supports),
-        Backend.TRITON: BackendImpl(_w8a8_triton, _triton_probe, _kernel_supports),
+        Backend.CPP: BackendImpl(_w8a8_op, extensions.cpp_probe),
+        Backend.TRITON: BackendImpl(_w8a8_triton, _triton_probe),
     },
 )
 

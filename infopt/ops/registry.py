@@ -16,6 +16,9 @@ preferred backend it warns once per (op, device, chosen backend) and records the
 
 Availability probes (building a C++ extension, importing Triton) run once per (op, backend,
 device type) and their answer, with the reason when unavailable, is cached for the process.
+Every call then checks, for each kernel backend, what all kernels share (here, once): the dtype
+of the op's first argument (:data:`KERNEL_DTYPES`, or the backend's own ``dtypes``) and that no
+input needs autograd (the kernels are inference-only); then the backend's own ``supports``.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ __all__ = [
     "Backend",
     "BackendImpl",
     "BackendUnavailableError",
+    "KERNEL_DTYPES",
     "backend_report",
     "format_backend_report",
     "get_backend",
+    "kernel_call_check",
     "parse_backend",
     "register_op",
     "reset_backend_stats",
@@ -68,8 +73,16 @@ _AUTO_ORDER: dict[str, tuple[Backend, ...]] = {
 
 # A probe answers "can this backend run on this device type?": None if yes, else the reason.
 Probe = Callable[[str], "str | None"]
-# A support check answers the same for one concrete call's arguments (dtype, grad, ...).
+# A support check answers the same for one concrete call's arguments (strides, shapes, ...).
 SupportCheck = Callable[..., "str | None"]
+
+#: The dtypes every kernel backend takes for an op's first argument (the activation / query);
+#: the pure-torch reference takes any floating dtype.
+KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 @dataclass(frozen=True)
@@ -77,12 +90,28 @@ class BackendImpl:
     """One backend of one op.
 
     ``fn`` takes the op's positional arguments (already validated). ``probe(device_type)`` is run
-    once per device type and cached. ``supports(*args)`` runs on every call and must be cheap.
+    once per device type and cached. On every call :func:`kernel_call_check` first checks the
+    first argument's dtype against ``dtypes`` and that no input requires grad, then
+    ``supports(*args)`` (optional, op-specific) runs; both must be cheap.
     """
 
     fn: Callable[..., Any]
     probe: Probe
     supports: SupportCheck | None = None
+    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+
+
+def kernel_call_check(impl: BackendImpl, args: tuple) -> str | None:
+    """Why the kernel ``impl`` cannot run this call (``None``: it can): the first argument's
+    dtype, autograd, then the backend's own ``supports``."""
+    x = args[0]
+    if x.dtype not in impl.dtypes:
+        return f"dtype {x.dtype} unsupported (kernels take {_dtype_names(impl.dtypes)})"
+    if torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    ):
+        return "autograd needed (inputs require grad) and the kernels are inference-only"
+    return None if impl.supports is None else impl.supports(*args)
 
 
 @dataclass
@@ -179,10 +208,8 @@ def _probe(entry: _OpEntry, backend: Backend, device_type: str) -> str | None:
 
 def _why_not(entry: _OpEntry, backend: Backend, device_type: str, args: tuple) -> str | None:
     reason = _probe(entry, backend, device_type)
-    if reason is None:
-        supports = entry.impls[backend].supports
-        if supports is not None:
-            reason = supports(*args)
+    if reason is None and backend is not Backend.REFERENCE:
+        reason = kernel_call_check(entry.impls[backend], args)
     return reason
 
 
