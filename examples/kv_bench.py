@@ -18,7 +18,7 @@
    check that hit and miss generate the same tokens as HF.
 5. ``policy``: bounded-memory policies at one token budget on the first ``--long-tokens`` tokens of
    the eval text, teacher-forced through the cache in 16-token chunks
-   (:func:`infopt.kvcache.quality.compare_through_cache`): perplexity / KL vs HF's full cache for
+   (:func:`infopt.eval.compare_through_cache`): perplexity / KL vs HF's full cache for
    recent-window only, StreamingLLM and H2O, then the KV bytes held as the sequence grows.
 """
 
@@ -97,7 +97,7 @@ def prefix_ttft(model, tok, system_tokens: int, repeats: int) -> None:
             )
 
     ttft(cached, prompts[0])  # warm-up (also builds the pool)
-    pool = kv.model_pool(cached, cached._infopt_kv_config)
+    pool = kv.model_pool(cached, kv.kv_state(cached).config)
     hf, miss, hit = [], [], []
     for i in range(repeats):
         pool.allocator.clear()
@@ -132,7 +132,7 @@ def prefix_ttft(model, tok, system_tokens: int, repeats: int) -> None:
 
 def policy_quality(model, tok, tokens: int, budget: int) -> None:
     from infopt.eval import default_text
-    from infopt.kvcache.quality import compare_through_cache, new_cache
+    from infopt.eval.through_cache import compare_through_cache, new_cache
 
     bs = 16
     cfgs = {

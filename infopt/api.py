@@ -6,48 +6,63 @@ default config. Every config *type* has one handler that applies it to a model, 
 check that says, without changing anything, whether the model supports it. ``wrap_model`` parses
 every option and runs every check first (so a bad option changes nothing), then applies them
 (quant, kv, spec, then the others in registration order) all or nothing: if one raises, the
-model is put back as it was (see :class:`_Snapshot`). It records what it applied on the model
-so it can be saved and reported.
+model is put back as it was (see :class:`_Snapshot`).
+
+One state object on the wrapped model: :class:`~infopt.options.WrapState` (``model._infopt``)
+records what was applied, in order, and holds each technique's state under its option name
+(:func:`model_state`, :func:`technique_state`). The registry itself lives in
+:mod:`infopt.options`, the layer below the technique packages, so that they register into it
+without importing this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import warnings
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .config import InfoptConfig
+from .options import (
+    STATE_ATTR,
+    Check,
+    Handler,
+    OptionSpec,
+    WrapState,
+    check_for,
+    handler_for,
+    model_state,
+    parse_registered_option,
+    record_applied,
+    register_check,
+    register_handler,
+    register_option,
+    registered_options,
+    technique_state,
+)
 
-Handler = Callable[[nn.Module, InfoptConfig], "nn.Module | None"]
-Check = Callable[[nn.Module, InfoptConfig], None]
+__all__ = [
+    "STATE_ATTR",
+    "Check",
+    "Handler",
+    "OptionSpec",
+    "WrapState",
+    "accepted_options",
+    "applied_configs",
+    "load_builtin_options",
+    "model_state",
+    "parse_option",
+    "register_check",
+    "register_handler",
+    "register_option",
+    "technique_state",
+    "wrap_model",
+]
 
-# Attribute set on a wrapped model: list of config dicts in the order they were applied.
-APPLIED_ATTR = "_infopt_applied"
-
-
-@dataclasses.dataclass(frozen=True)
-class OptionSpec:
-    """One ``wrap_model`` keyword: the configs it takes and the strings that name them."""
-
-    name: str
-    config_type: type[InfoptConfig]
-    aliases: Mapping[str, Callable[[], InfoptConfig]]
-    description: str = ""
-    #: old spelling -> current alias; still accepted, with a DeprecationWarning
-    deprecated: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-_OPTIONS: dict[str, OptionSpec] = {}
-_HANDLERS: dict[type[InfoptConfig], Handler] = {}
-_CHECKS: dict[type[InfoptConfig], Check] = {}
-
-# The technique packages register their options on import. They are imported on first use of
-# the registry, not by ``import infopt``, which keeps the top-level import cheap.
+# The technique packages register their options on import (into :mod:`infopt.options`, the
+# layer below them, so they never import this module). They are imported on first use of the
+# registry, not by ``import infopt``, which keeps the top-level import cheap.
 # infopt.batching registers the kv handler: generate on a kv-wrapped model runs on the engine.
 _BUILTIN_OPTION_MODULES = (
     "infopt.quant", "infopt.kvcache", "infopt.batching", "infopt.speculative"
@@ -57,7 +72,7 @@ _APPLY_ORDER = ("quant", "kv", "spec")
 
 
 def load_builtin_options() -> None:
-    """Import the technique packages so their options (and bench rows) are registered."""
+    """Import the technique packages so their options and handlers are registered."""
     global _builtins_loaded
     if _builtins_loaded:
         return
@@ -66,107 +81,16 @@ def load_builtin_options() -> None:
         importlib.import_module(mod)
 
 
-def register_option(
-    name: str,
-    config_type: type[InfoptConfig],
-    aliases: Mapping[str, Callable[[], InfoptConfig]],
-    description: str = "",
-    deprecated: Mapping[str, str] | None = None,
-) -> OptionSpec:
-    """Declare a ``wrap_model`` keyword, e.g. ``register_option("quant", QuantConfig, {...})``.
-
-    Aliases are spelled with hyphens (``"int4-awq"``, ``"paged-int8"``, ``"prompt-lookup"``);
-    ``deprecated`` maps old spellings to current aliases, accepted with a DeprecationWarning.
-    """
-    if name in _OPTIONS:
-        raise ValueError(f"wrap_model option {name!r} is already registered")
-    deprecated = dict(deprecated or {})
-    bad = {old: new for old, new in deprecated.items() if new not in aliases or old in aliases}
-    if bad:
-        raise ValueError(f"deprecated spellings {bad} must map new names to existing aliases")
-    spec = OptionSpec(name, config_type, dict(aliases), description, deprecated)
-    _OPTIONS[name] = spec
-    return spec
-
-
-def register_handler(config_type: type[InfoptConfig]) -> Callable[[Handler], Handler]:
-    """Decorator: ``fn(model, config)`` applies ``config`` (and its subclasses) in place."""
-
-    def deco(fn: Handler) -> Handler:
-        if config_type in _HANDLERS:
-            raise ValueError(f"a handler for {config_type.__name__} is already registered")
-        _HANDLERS[config_type] = fn
-        return fn
-
-    return deco
-
-
-def register_check(config_type: type[InfoptConfig]) -> Callable[[Check], Check]:
-    """Decorator: ``fn(model, config)`` raises (``TypeError`` for an unsupported kind of model,
-    ``ValueError`` / ``NotImplementedError`` naming the cause otherwise) when ``config`` (or a
-    subclass) cannot be applied to ``model``. It must not change the model: ``wrap_model``
-    runs the checks of every option before applying any."""
-
-    def deco(fn: Check) -> Check:
-        if config_type in _CHECKS:
-            raise ValueError(f"a check for {config_type.__name__} is already registered")
-        _CHECKS[config_type] = fn
-        return fn
-
-    return deco
-
-
 def accepted_options() -> dict[str, list[str]]:
     """``{option name: [accepted string aliases]}`` for error messages and the CLI."""
     load_builtin_options()
-    return {name: sorted(spec.aliases) for name, spec in _OPTIONS.items()}
+    return {name: sorted(spec.aliases) for name, spec in registered_options().items()}
 
 
 def parse_option(name: str, value: Any) -> InfoptConfig:
     """One ``wrap_model`` keyword value (alias string, config or config dict) -> a config."""
     load_builtin_options()
-    spec = _OPTIONS.get(name)
-    if spec is None:
-        accepted = ", ".join(sorted(_OPTIONS)) or "none are registered"
-        raise ValueError(f"wrap_model got an unknown option {name!r}; accepted options: {accepted}")
-    if isinstance(value, str):
-        if value in spec.deprecated:
-            new = spec.deprecated[value]
-            warnings.warn(
-                f"wrap_model option {name}={value!r} is deprecated; use {name}={new!r}",
-                DeprecationWarning, stacklevel=3,
-            )
-            value = new
-        factory = spec.aliases.get(value)
-        if factory is None:
-            raise ValueError(
-                f"wrap_model option {name}={value!r} is not recognised; accepted values: "
-                f"{', '.join(sorted(spec.aliases))} (or a {spec.config_type.__name__} object)"
-            )
-        return factory()
-    if isinstance(value, dict):
-        value = InfoptConfig.from_dict(value)
-    if isinstance(value, spec.config_type):
-        return value
-    raise TypeError(
-        f"wrap_model option {name}= takes a string ({', '.join(sorted(spec.aliases))}), a "
-        f"{spec.config_type.__name__} or its to_dict(); got {type(value).__name__}"
-    )
-
-
-def _handler_for(config: InfoptConfig) -> Handler:
-    # Walk the MRO so a subclass of a registered config reuses its parent's handler.
-    for klass in type(config).__mro__:
-        if klass in _HANDLERS:
-            return _HANDLERS[klass]
-    raise TypeError(f"no handler is registered for config type {type(config).__name__}")
-
-
-def _check_for(config: InfoptConfig) -> Check | None:
-    for klass in type(config).__mro__:
-        if klass in _CHECKS:
-            return _CHECKS[klass]
-    return None
+    return parse_registered_option(name, value, stacklevel=4)
 
 
 def _tensor_version(t: torch.Tensor) -> int:
@@ -195,6 +119,10 @@ class _Snapshot:
             for m in model.modules()
         ]
         self.configs = [(c, dict(c.__dict__)) for c in _configs_of(model)]
+        # Handlers update the state object in place: keep a copy of its lists and dicts.
+        self.model = model
+        state = model_state(model)
+        self.state = None if state is None else state.copy()
         self.versions = [
             (name, t, _tensor_version(t))
             for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -213,6 +141,8 @@ class _Snapshot:
         for c, d in self.configs:
             c.__dict__.clear()
             c.__dict__.update(d)
+        if self.state is not None:
+            self.model.__dict__[STATE_ATTR] = self.state
         return [name for name, t, v in self.versions if _tensor_version(t) != v]
 
 
@@ -258,21 +188,20 @@ def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
     parsed = {name: parse_option(name, v) for name, v in options.items() if v is not None}
     # Weights are quantized before the KV cache and speculation are set up, whatever order the
     # technique packages happened to be imported in; other options follow in registration order.
-    registered = list(_OPTIONS)
+    registered = list(registered_options())
     order = sorted(
         parsed,
         key=lambda n: (_APPLY_ORDER.index(n) if n in _APPLY_ORDER else len(_APPLY_ORDER),
                        registered.index(n)),
     )
-    handlers = {name: _handler_for(parsed[name]) for name in order}
+    handlers = {name: handler_for(parsed[name]) for name in order}
     for name in order:
-        check = _check_for(parsed[name])
+        check = check_for(parsed[name])
         if check is not None:
             check(model, parsed[name])
     if not order:
         return model
     snapshot = _Snapshot(model)
-    applied = list(getattr(model, APPLIED_ATTR, []))
     try:
         for name in order:
             config = parsed[name]
@@ -282,7 +211,7 @@ def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
                     f"handler for {type(config).__name__} returned a new module; handlers must "
                     "modify the model in place"
                 )
-            applied.append({"option": name, "config": config.to_dict()})
+            record_applied(model, name, config)
     except BaseException as e:
         written = snapshot.restore()
         if written:
@@ -293,10 +222,10 @@ def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
                 "should be reloaded"
             ) from e
         raise
-    setattr(model, APPLIED_ATTR, applied)
     return model
 
 
 def applied_configs(model: nn.Module) -> list[dict[str, Any]]:
     """What ``wrap_model`` applied to ``model``, in order (empty for an unwrapped model)."""
-    return list(getattr(model, APPLIED_ATTR, []))
+    state = model_state(model)
+    return [] if state is None else list(state.applied)

@@ -1,4 +1,4 @@
-"""One walk over a module tree, with full dotted names and a filter.
+"""One walk over a module tree, with full dotted names and a filter; the decoder-block finder.
 
 Techniques (quantization, layer skipping...) never special-case an architecture: they select
 modules by type and by name patterns and replace them through :func:`replace_modules`.
@@ -52,3 +52,42 @@ def replace_modules(
 
     visit(model, "")
     return replaced
+
+
+def _has_linear(module: nn.Module) -> bool:
+    # nn.Linear, or a drop-in replacement of one (infopt's quantized linears, LoRA wrappers...).
+    return any(
+        isinstance(m, nn.Linear)
+        or (isinstance(getattr(m, "in_features", None), int)
+            and isinstance(getattr(m, "out_features", None), int))
+        for m in module.modules()
+    )  # fmt: skip
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+
+
+def find_decoder_blocks(model: nn.Module, purpose: str = "this") -> tuple[str, nn.ModuleList]:
+    """``(dotted name, ModuleList)`` of the model's repeated decoder blocks, found by structure
+    (never by architecture name): among the ``nn.ModuleList`` s of same-typed modules that
+    contain linear layers, the one holding the most parameter and buffer elements.
+
+    Raises ``ValueError`` (``"<purpose> needs a stack of repeated blocks ..."``) if there is
+    none.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1 or not _has_linear(mod[0]):
+            continue
+        size = _numel(mod)
+        if best is None or size > best[0]:
+            best = (size, name, mod)
+    if best is None:
+        raise ValueError(
+            f"{purpose} needs a stack of repeated blocks (an nn.ModuleList of same-typed modules "
+            f"containing linear layers); none found in {type(model).__name__}"
+        )
+    return best[1], best[2]

@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import infopt
-from infopt import api
+from infopt import api, options
 from infopt.config import InfoptConfig, register_config
 from infopt.module_walk import iter_modules, matches_any, replace_modules
 
@@ -35,8 +35,8 @@ class _ScaleConfig(InfoptConfig):
 @pytest.fixture
 def scale_option(monkeypatch):
     api.load_builtin_options()  # so the copies below hold quant/kv/spec as well
-    monkeypatch.setattr(api, "_OPTIONS", dict(api._OPTIONS))
-    monkeypatch.setattr(api, "_HANDLERS", dict(api._HANDLERS))
+    monkeypatch.setattr(options, "_OPTIONS", dict(options._OPTIONS))
+    monkeypatch.setattr(options, "_HANDLERS", dict(options._HANDLERS))
     aliases = {"double": _ScaleConfig, "half": lambda: _ScaleConfig(0.5)}
     api.register_option("scale", _ScaleConfig, aliases)
 

@@ -408,3 +408,39 @@ def test_eos_suppression_matches_min_new_tokens():
     native_generate.infopt_native_min_new_tokens = True
     model.generate = native_generate
     assert _eos_suppression(model, 8) == {"min_new_tokens": 8}
+
+
+def test_default_rows_show_the_library():
+    from infopt.bench.runner import DEFAULT_CONFIGS
+
+    # int8, int4 (with the int8 head), a paged/prefix KV row and a speculative row
+    assert {"int8", "int4", "paged-prefix", "spec-prompt-lookup"} <= set(DEFAULT_CONFIGS)
+    assert get_bench_config("int4").wrap_options == {"quant": "int4"}
+    for name in DEFAULT_CONFIGS:
+        get_bench_config(name)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from infopt.bench.plot import plot_speed_quality
+
+    res = run_bench(
+        "tiny", "baseline,bf16", loader=tiny_loader(), text=TEXT, compare_fn=FakeCompare(),
+        prompt_tokens=8, new_tokens=3, repeats=1, warmup=0, eval_tokens=64, eval_prompts=2,
+        progress=False,
+    )  # fmt: skip
+    out = plot_speed_quality(res, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.endswith("png")
+
+
+def test_plot_without_matplotlib_names_the_fix(monkeypatch):
+    import importlib.util
+
+    from infopt.bench import plot
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert "pip install matplotlib" in plot.plot_available()
+    with pytest.raises(ImportError, match="--plot needs matplotlib"):
+        plot.plot_speed_quality(object(), "x.png")

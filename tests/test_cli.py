@@ -127,3 +127,13 @@ def test_ops_require_exits_1_naming_missing_backends(capsys, monkeypatch):
     monkeypatch.setattr(ops, "backend_report", lambda probe=True: report)
     code, _, err = run_main(capsys, "ops", "--require", "cpp")
     assert code == 1 and "rms_norm: cpp: C++ sources (csrc/) not found" in err
+
+
+def test_bench_plot_without_matplotlib_fails_before_running(capsys, monkeypatch):
+    from infopt.bench import plot, runner
+
+    monkeypatch.setattr(plot, "plot_available", lambda: "--plot needs matplotlib, which is not "
+                        "installed: pip install matplotlib")
+    monkeypatch.setattr(runner, "run_bench", lambda *a, **k: pytest.fail("bench ran"))
+    code, _, err = run_main(capsys, "bench", "--plot", "out.png")
+    assert code == 2 and "argument --plot: --plot needs matplotlib" in err

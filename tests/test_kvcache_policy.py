@@ -9,9 +9,9 @@ import torch
 from test_kvcache import greedy, tiny_llama
 
 import infopt
-from infopt.kvcache import BlockAllocator, BlockManager, KVConfig, PagedCache
+from infopt.eval.through_cache import compare_through_cache
+from infopt.kvcache import BlockAllocator, BlockManager, KVConfig, PagedCache, kv_state
 from infopt.kvcache.policy import H2OPolicy, make_policy
-from infopt.kvcache.quality import compare_through_cache
 
 
 @pytest.fixture(autouse=True)
@@ -147,5 +147,5 @@ def test_quality_through_bounded_cache():
         copy.deepcopy(model), kv=KVConfig(block_size=4, policy="streaming", n_sink=4, window=32)
     )
     r = compare_through_cache(model, stream, None, ids, window=160, chunk=4, first_chunk=4)
-    assert r.cand_max_cached_tokens <= stream._infopt_kv_config.window + 4 + 4 - 1 + 4
+    assert r.cand_max_cached_tokens <= kv_state(stream).config.window + 4 + 4 - 1 + 4
     assert r.kl_mean > 0  # tokens were really dropped

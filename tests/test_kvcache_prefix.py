@@ -9,7 +9,13 @@ import torch
 from test_kvcache import greedy, tiny_llama
 
 import infopt
-from infopt.kvcache import KVConfig, OutOfBlocksError, PagedCache, PrefixCachingAllocator
+from infopt.kvcache import (
+    KVConfig,
+    OutOfBlocksError,
+    PagedCache,
+    PrefixCachingAllocator,
+    kv_state,
+)
 from infopt.kvcache.allocator import BlockManager
 from infopt.kvcache.prefix import block_hashes
 
@@ -128,7 +134,7 @@ def test_config_and_alias():
 
 
 def _stats(model):
-    return model._infopt_kv_pool.allocator.stats
+    return kv_state(model).pool.allocator.stats
 
 
 def test_shared_system_prompt_identity_and_hits():
@@ -144,7 +150,7 @@ def test_shared_system_prompt_identity_and_hits():
     prompts.append(system[:, :12])
     hits = []
     for p in prompts:
-        before = _stats(model).hit_tokens if hasattr(model, "_infopt_kv_pool") else 0
+        before = _stats(model).hit_tokens if kv_state(model).pool is not None else 0
         assert torch.equal(greedy(model, p, 12), greedy(ref_model, p, 12))
         hits.append(_stats(model).hit_tokens - before)
     # first: cold; then the 20 tokens of system's full blocks; the repeat reuses all but its
@@ -182,7 +188,7 @@ def test_beam_search_and_fixed_pool_with_prefix_caching():
         ref = greedy(ref_model, ids, 5, num_beams=3)
         assert torch.equal(greedy(model, ids, 5, num_beams=3), ref)
     assert _stats(model).hit_tokens == 12  # the prompt's 3 full blocks were named
-    pool = model._infopt_kv_pool
+    pool = kv_state(model).pool
     # nothing referenced after generate; the prompt's 3 named blocks stay cached
     assert pool.num_blocks == 24 and pool.allocator.num_used == 0
     assert pool.allocator.num_cached_free == 3
@@ -217,5 +223,5 @@ def test_smollm2_shared_system_prompt_identity():
     for text in prompts:
         ids = tok(text, return_tensors="pt").input_ids
         assert torch.equal(greedy(cached, ids, 8), greedy(model, ids, 8)), text
-    st = cached._infopt_kv_pool.allocator.stats
+    st = kv_state(cached).pool.allocator.stats
     assert st.hit_tokens > 0 and st.requests == len(prompts)

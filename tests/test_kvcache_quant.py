@@ -10,9 +10,9 @@ import torch
 from test_kvcache import greedy, tiny_llama
 
 import infopt
-from infopt.kvcache import KVConfig, PagedCache
+from infopt.eval.through_cache import compare_through_cache
+from infopt.kvcache import KVConfig, PagedCache, kv_state
 from infopt.kvcache.kvquant import dequantize_kv, quantize_kv
-from infopt.kvcache.quality import compare_through_cache
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def test_quantized_pool_generate_and_memory(alias, storage):
     model = tiny_llama()
     ref = copy.deepcopy(model)
     infopt.wrap_model(model, kv=alias)
-    cfg = model._infopt_kv_config
+    cfg = kv_state(model).config
     cache = PagedCache.from_model(model, KVConfig(block_size=4, cache_dtype=cfg.cache_dtype))
     ids = torch.randint(1, 97, (1, 11))
     out = greedy(model, ids, 9, past_key_values=cache)
@@ -74,7 +74,7 @@ def test_quantized_cow_grow_and_prefix_caching():
     first = greedy(model, ids, 6)
     again = greedy(model, ids, 6)  # reuses 11 quantized tokens, copy-on-write of block 3
     assert torch.equal(first, again)
-    assert model._infopt_kv_pool.allocator.stats.hit_tokens == 11
+    assert kv_state(model).pool.allocator.stats.hit_tokens == 11
     # beams fork and copy quantized blocks and their scales
     out = greedy(model, ids, 6, num_beams=2)
     assert out.shape == greedy(ref, ids, 6, num_beams=2).shape

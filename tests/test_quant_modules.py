@@ -31,7 +31,8 @@ IDS = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(6))
 # alias -> minimum logits cosine vs the fp32 model (measured: int8/w8a8 > 0.9999,
 # int4 ~0.995, fp8 ~0.999 on this tiny random model).
 ALIAS_COSINE = {
-    "int8": 0.999, "int4": 0.98, "int4-a8": 0.98, "int4-awq": 0.98, "int4-gptq": 0.98,
+    "int8": 0.999, "int4": 0.98, "int4-head-fp32": 0.98, "int4-a8": 0.98, "int4-awq": 0.98,
+    "int4-gptq": 0.98,
     "w8a8": 0.999, "fp8": 0.995,
 }
 
@@ -179,13 +180,18 @@ def test_configs_round_trip_and_validate():
 
 def test_aliases_registered():
     assert infopt.accepted_options()["quant"] == sorted(q.ALIASES)
-    assert set(q.ALIASES) == {"int8", "int4", "int4-awq", "int4-gptq", "int4-a8", "w8a8", "fp8"}
+    assert set(q.ALIASES) == {
+        "int8", "int4", "int4-head-fp32", "int4-awq", "int4-gptq", "int4-a8", "w8a8", "fp8"
+    }
+    # int4 is the configuration to pick: the output head int8; int4-head-fp32 keeps it fp32.
+    assert q.ALIASES["int4"]() == q.Int4WeightOnlyConfig(lm_head="int8")
+    assert q.ALIASES["int4-head-fp32"]() == q.Int4WeightOnlyConfig()
 
 
 # --------------------------------------------------------------------------- wrap_model
 
 
-@pytest.mark.parametrize("alias", ["int8", "int4", "int4-a8", "w8a8", "fp8"])
+@pytest.mark.parametrize("alias", ["int8", "int4-head-fp32", "int4-a8", "w8a8", "fp8"])
 def test_wrap_model_calibration_free(alias):
     model = tiny_llama()
     ref = model(IDS).logits

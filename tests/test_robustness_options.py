@@ -63,9 +63,9 @@ def test_old_spec_spellings_still_work_with_a_deprecation_warning(old, new):
 
 
 def test_deprecated_spellings_must_point_at_real_aliases(monkeypatch):
-    from infopt import api
+    from infopt import api, options
 
-    monkeypatch.setattr(api, "_OPTIONS", dict(api._OPTIONS))
+    monkeypatch.setattr(options, "_OPTIONS", dict(options._OPTIONS))
     with pytest.raises(ValueError, match="must map new names to existing aliases"):
         api.register_option("x", infopt.InfoptConfig, {"a-b": dict}, deprecated={"a_b": "a-c"})
 

@@ -78,7 +78,7 @@ def test_lm_head_int8_is_checked_too():
 # --------------------------------------------------------------------- checkpoint tampering
 
 
-def _saved(tmp_path, alias="int4", tie=True, dtype=torch.float32):
+def _saved(tmp_path, alias="int4-head-fp32", tie=True, dtype=torch.float32):
     model = tiny_llama(tie=tie, dtype=dtype)
     q.quantize_model(model, alias, calib_input_ids=CALIB, progress=False)
     q.save_quantized(model, tmp_path)
@@ -240,7 +240,7 @@ def test_extra_layer_in_config_is_named(tmp_path):
     _load_error(tmp_path, r"missing tensors \['model\.layers\.2\.")
 
 
-@pytest.mark.parametrize("alias", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("alias", ["int8", "int4-head-fp32", "fp8"])
 def test_meta_load_materialises_only_stored_tensors(tmp_path, alias):
     # A bf16 model: tensors keep their stored dtype (an fp32 skeleton filled by copy, as
     # before, would compute in fp32 and change the logits).

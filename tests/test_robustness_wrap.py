@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import infopt
 import infopt.quant as q
 import infopt.speculative as sp
-from infopt import api
+from infopt import api, options
 from infopt.config import InfoptConfig, register_config
 from infopt.kvcache import KVConfig, KVMemoryError, KVPool
 
@@ -164,8 +164,8 @@ def _give_calibration_tokenizer(model, tmp_path):
 
 def test_in_place_write_by_a_failing_handler_is_reported(monkeypatch):
     api.load_builtin_options()
-    monkeypatch.setattr(api, "_OPTIONS", dict(api._OPTIONS))
-    monkeypatch.setattr(api, "_HANDLERS", dict(api._HANDLERS))
+    monkeypatch.setattr(options, "_OPTIONS", dict(options._OPTIONS))
+    monkeypatch.setattr(options, "_HANDLERS", dict(options._HANDLERS))
 
     @register_config
     @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,7 @@ def test_smollm_wrap_model_layer_skip(smollm):
         assert sp.last_stats(model).target_forwards <= 12
     finally:  # the model is shared with the other tests of this module
         sp.detach(model)
-        model.__dict__.pop(infopt.api.APPLIED_ATTR, None)
+        model.__dict__.pop(infopt.api.STATE_ATTR, None)
 
 
 @pytest.mark.slow

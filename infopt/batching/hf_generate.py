@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from ..api import register_handler
 from ..kvcache import hf as kv_hf
 from ..kvcache.allocator import OutOfBlocksError
 from ..kvcache.config import KVConfig
+from ..options import register_handler, set_technique_state
+from .compiled import CompileConfig
 from .engine import Engine
 from .params import EngineConfig, SamplingParams
 from .spec import build_proposer
@@ -35,7 +36,6 @@ __all__ = ["enable_engine_generate", "model_engine"]
 
 _log = logging.getLogger(__name__)
 
-_ENGINE_ATTR = "_infopt_kv_engine"
 # generate() arguments the engine implements; any other non-default one takes the PagedCache
 # path (see _unsupported).
 _ENGINE_FIELDS = {
@@ -49,7 +49,8 @@ _MODEL_KWARGS = {"attention_mask", "use_cache"}
 
 def model_engine(model: Any) -> Engine | None:
     """The engine behind a kv-wrapped model's ``generate`` (``None`` if there is none)."""
-    return getattr(model, _ENGINE_ATTR, None)
+    state = kv_hf.kv_state(model)
+    return None if state is None else state.engine
 
 
 def engine_config_for(kv: KVConfig) -> EngineConfig:
@@ -76,9 +77,9 @@ def enable_engine_generate(model: Any, config: KVConfig) -> Any:
                             num_blocks=config.resolve_num_blocks(per_block),
                             kv_cache_dtype=config.cache_dtype,
                             enable_prefix_caching=config.prefix_caching)
-    previous = getattr(model, kv_hf._ORIG_ATTR, None)
-    old_impl = previous[1] if previous else model.config._attn_implementation
-    original = previous[0] if previous else model.generate
+    previous = kv_hf.kv_state(model)
+    old_impl = previous.previous_attn if previous else model.config._attn_implementation
+    original = previous.original_generate if previous else model.generate
     engine = Engine(model, None, ecfg)  # switches attention to "infopt_paged"
 
     @functools.wraps(original)
@@ -97,11 +98,9 @@ def enable_engine_generate(model: Any, config: KVConfig) -> Any:
 
     generate.infopt_native_min_new_tokens = True  # type: ignore[attr-defined]
     model.generate = generate
-    model._infopt_attach_spec = attach_spec
-    setattr(model, kv_hf._ORIG_ATTR, (original, old_impl))
-    setattr(model, _ENGINE_ATTR, engine)
-    model._infopt_kv_config = config
-    setattr(model, kv_hf._POOL_ATTR, engine.runner.pool)  # one pool for both paths
+    state = kv_hf.KVState(config, original, old_impl, pool=engine.runner.pool,  # one pool for
+                          engine=engine, attach_spec=attach_spec)  # both paths
+    set_technique_state(model, kv_hf.KV_STATE, state)
     return model
 
 
@@ -239,3 +238,24 @@ def _apply_kv(model: Any, config: KVConfig) -> Any:
     if config.policy != "full":  # eviction policies live in the PagedCache layer
         return kv_hf.enable_paged(model, config)
     return enable_engine_generate(model, config)
+
+
+@register_handler(CompileConfig)
+def _apply_compile(model: Any, config: CompileConfig) -> Any:
+    """``wrap_model(compile=...)``: the decode steps of the model's engine run compiled. A
+    model without ``kv=`` gets the engine with the default paged pool first (``kv="paged"``):
+    the compiled step is the engine's, and ``generate`` runs on the engine."""
+    if not hasattr(model, "generate"):
+        raise TypeError(f"compile= needs a model with generate(); got {type(model).__name__}")
+    engine = model_engine(model)
+    if engine is None:
+        if kv_hf.kv_state(model) is not None:
+            raise ValueError(
+                "compile= runs on the batching engine, but this model's kv= option uses the "
+                "PagedCache layer (an eviction policy); use kv='paged' / 'paged-prefix' / "
+                "'paged-int8' / 'paged-fp8' with compile="
+            )
+        enable_engine_generate(model, KVConfig())
+        engine = model_engine(model)
+    engine.enable_compile(config)
+    return model

@@ -5,16 +5,19 @@ dtype to load it in, and either a dict of :func:`infopt.wrap_model` options or, 
 configs that measure someone else's optimization (e.g. torchao), an ``apply(model) -> model``
 callable. ``baseline`` (fp32, untouched HF model) is the row every ratio is computed against.
 
-Other modules add their own rows with :func:`register_bench_config`, e.g.::
+The rows infopt itself offers are one table here (:func:`_builtin_rows`): the technique
+packages never import the bench, the bench reads what they export. Other code adds its own rows
+with :func:`register_bench_config`, e.g.::
 
     register_bench_config(
-        BenchConfig("int8", "int8 weight-only linears", wrap_options={"quant": "int8"})
+        BenchConfig("my-int8", "int8 weight-only linears", wrap_options={"quant": "int8"})
     )
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,7 +42,7 @@ class BenchConfig:
             after ``infopt.eval.compare`` for this row; its keys (e.g. ``ppl_cand``,
             ``kl_mean``) replace compare's. For optimizations compare cannot see: compare
             scores with ``use_cache=False`` forwards, so a KV-cache row needs a check that
-            reads the cache (``infopt.kvcache.quality``).
+            reads the cache (``infopt.eval.compare_through_cache``).
     """
 
     name: str
@@ -80,17 +83,14 @@ def register_bench_config(cfg: BenchConfig, *, overwrite: bool = False) -> Bench
 
 def list_bench_configs() -> list[str]:
     """Registered config names, baseline first, then in registration order."""
-    # The technique packages (quant, kvcache, speculative) register their rows on import.
-    from ..api import load_builtin_options
-
-    load_builtin_options()
+    _load_builtin_rows()
     return list(_REGISTRY)
 
 
 def get_bench_config(name: str) -> BenchConfig:
     """Look up one config; unknown names raise ``ValueError`` listing the accepted ones."""
     if name not in _REGISTRY:
-        list_bench_configs()  # imports the technique packages, which register their rows
+        _load_builtin_rows()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -134,7 +134,7 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-# --- builtins -------------------------------------------------------------------------------
+# --- builtins: every row infopt offers, in one table -----------------------------------------
 
 register_bench_config(
     BenchConfig(BASELINE, "HF model as loaded, fp32, no infopt options (the reference row)")
@@ -143,43 +143,129 @@ register_bench_config(
     BenchConfig("bf16", "HF model loaded in bfloat16, no infopt options", dtype=torch.bfloat16)
 )
 
-# Technique rows: plain wrap_model options on an fp32 model, so each row is "what a user gets
-# from wrap_model(model, <option>)" measured against the unwrapped baseline.
-for _name, _desc, _opts in (
-    ("int8", "quant: int8 weight-only, per-channel (C++ GEMV on CPU)", {"quant": "int8"}),
-    ("int4", "quant: int4 weight-only RTN, group 128", {"quant": "int4"}),
-    ("int4-awq", "quant: int4 AWQ, group 128 (calibrated)", {"quant": "int4-awq"}),
-    ("int4-gptq", "quant: int4 GPTQ + act_order, group 128 (calibrated)", {"quant": "int4-gptq"}),
-    ("w8a8", "quant: SmoothQuant W8A8, dynamic per-token int8 activations", {"quant": "w8a8"}),
-    ("fp8", "quant: fp8 e4m3 weights + activations (emulated on CPU)", {"quant": "fp8"}),
-):
-    register_bench_config(BenchConfig(_name, _desc, wrap_options=_opts))
+_builtins_loaded = False
+#: The speculative rows' draft model: it shares the Qwen2.5 tokenizer, so the draft-model rows
+#: only run on a Qwen2.5 target (``qwen2.5-coder-1.5b``); elsewhere they fail with the
+#: vocabulary-mismatch error. Its weights are not counted by ``model_bytes`` (the draft is not a
+#: submodule of the target).
+QWEN_DRAFT = "qwen2.5-coder-0.5b"
 
 
-def _register_full_quant_rows() -> None:
-    # lm_head is skipped by default (QuantConfig.skip). On a large-vocabulary model it is a big
-    # share of the weights read per token (Qwen2.5-1.5B: 151936 x 1536, 0.93 GB in fp32, 13 %
-    # of the model) and caps the decode speedup, so these rows quantize it int8 as well. An int4
-    # head costs quality on small models (SmolLM2-135M: +55 % ppl vs +29 % with an fp32 head).
+def _load_builtin_rows() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for row in _builtin_rows():
+        if row.name not in _REGISTRY:
+            register_bench_config(row)
+
+
+def _builtin_rows() -> list[BenchConfig]:
+    """infopt's own rows: plain ``wrap_model`` options on an fp32 model (each row is "what a
+    user gets from ``wrap_model(model, <option>)``" against the unwrapped baseline), then peers.
+    The configs are imported here, on first use, so ``import infopt.bench`` stays cheap."""
     from ..quant.config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    from ..speculative.config import DraftModelConfig
 
-    for name, desc, cfg in (
-        ("int8-head8", "quant: int8 weight-only, lm_head int8 too",
-         Int8WeightOnlyConfig(lm_head="int8")),
-        ("int4-head8", "quant: int4 RTN g128, lm_head int8",
-         Int4WeightOnlyConfig(lm_head="int8")),
-        ("int4-a8-head8", "quant: int4 RTN g128 x int8 activations per 32-block, lm_head int8",
-         Int4WeightOnlyConfig(lm_head="int8", act_dtype="int8")),
-        ("int4-awq-head8", "quant: int4 AWQ g128, lm_head int8",
-         Int4WeightOnlyConfig(method="awq", lm_head="int8")),
+    def quant(name: str, desc: str, option: Any) -> BenchConfig:
+        return BenchConfig(name, "quant: " + desc, wrap_options={"quant": option})
+
+    def kv(name: str, desc: str) -> BenchConfig:
+        # Quality through the cache: compare's use_cache=False forwards never read it.
+        return BenchConfig(name, "kv: " + desc, wrap_options={"kv": name},
+                           quality=quality_through_cache)
+
+    def spec(name: str, desc: str, option: Any) -> BenchConfig:
+        return BenchConfig(name, "speculative: " + desc, wrap_options={"spec": option})
+
+    # lm_head is skipped by QuantConfig's default. On a large-vocabulary model it is a big
+    # share of the weights read per token (Qwen2.5-1.5B: 151936 x 1536, 0.93 GB in fp32, 13 %
+    # of the model) and caps the decode speedup, so the "-head8" rows quantize it int8 as well
+    # (the ``int4`` alias does too). An int4 head costs quality on small models (SmolLM2-135M:
+    # +55 % ppl vs +29 % with an fp32 head).
+    int4_draft = Int4WeightOnlyConfig(lm_head="int8")  # the draft's tied head is most of it
+    rows = [
+        quant("int8", "int8 weight-only, per-channel (C++ GEMV on CPU)", "int8"),
+        quant("int4", "int4 weight-only RTN, group 128, lm_head int8 (the int4 to pick)",
+              "int4"),
+        quant("int4-head-fp32", "int4 weight-only RTN, group 128, lm_head kept fp32",
+              "int4-head-fp32"),
+        quant("int4-awq", "int4 AWQ, group 128 (calibrated)", "int4-awq"),
+        quant("int4-gptq", "int4 GPTQ + act_order, group 128 (calibrated)", "int4-gptq"),
+        quant("w8a8", "SmoothQuant W8A8, dynamic per-token int8 activations", "w8a8"),
+        quant("fp8", "fp8 e4m3 weights + activations (emulated on CPU)", "fp8"),
+        quant("int8-head8", "int8 weight-only, lm_head int8 too",
+              Int8WeightOnlyConfig(lm_head="int8")),
+        quant("int4-head8", "int4 RTN g128, lm_head int8 (same as int4)",
+              Int4WeightOnlyConfig(lm_head="int8")),
+        quant("int4-a8-head8", "int4 RTN g128 x int8 activations per 32-block, lm_head int8",
+              Int4WeightOnlyConfig(lm_head="int8", act_dtype="int8")),
+        quant("int4-awq-head8", "int4 AWQ g128, lm_head int8",
+              Int4WeightOnlyConfig(method="awq", lm_head="int8")),
         # torchao's / gpt-fast's int4 scope: every nn.Linear, the head too.
-        ("int4-all", "quant: int4 RTN g128 on every nn.Linear incl. lm_head",
-         Int4WeightOnlyConfig(skip=())),
-    ):  # fmt: skip
-        register_bench_config(BenchConfig(name, desc, wrap_options={"quant": cfg}))
+        quant("int4-all", "int4 RTN g128 on every nn.Linear incl. lm_head",
+              Int4WeightOnlyConfig(skip=())),
+        kv("paged", "paged KV cache + paged attention ops"),
+        kv("paged-prefix",
+           "paged + prefix caching (the bench repeats one prompt: timed runs are prefix hits)"),
+        kv("paged-int8", "paged, int8 K/V with per-token per-head scales"),
+        kv("paged-fp8", "paged, float8_e4m3fn K/V with per-token per-head scales"),
+        spec("spec-prompt-lookup", "prompt lookup (n-gram) drafts", "prompt-lookup"),
+        spec("spec-layer-skip", "self-drafting with a middle layer block skipped", "layer-skip"),
+        spec("spec-draft-qwen0.5b", f"{QWEN_DRAFT} drafts (Qwen2.5 targets)",
+             DraftModelConfig(QWEN_DRAFT)),
+        spec("spec-draft-qwen0.5b-int4",
+             f"{QWEN_DRAFT} drafts, draft int4 + int8 head (output still exact)",
+             DraftModelConfig(QWEN_DRAFT, quant=int4_draft)),
+        BenchConfig("hf-assisted-qwen0.5b", f"peer: HF assisted generation, {QWEN_DRAFT} draft",
+                    apply=_hf_assisted),
+        BenchConfig(
+            "hf-assisted-qwen0.5b-int4",
+            f"peer: HF assisted generation, {QWEN_DRAFT} draft int4 + int8 head (by infopt)",
+            apply=functools.partial(_hf_assisted, quant=int4_draft),
+        ),
+        BenchConfig("hf-prompt-lookup", "peer: HF prompt-lookup decoding (10 tokens)",
+                    apply=_hf_prompt_lookup),
+    ]  # fmt: skip
+    # Peer row, only offered where torchao is installed (find_spec does not import it).
+    if importlib.util.find_spec("torchao") is not None:
+        rows.append(BenchConfig(
+            "torchao-int8", "peer: torchao int8 weight-only (quantize_), fp32 activations",
+            apply=_torchao_int8_weight_only,
+        ))  # fmt: skip
+    return rows
 
 
-_register_full_quant_rows()
+def quality_through_cache(
+    reference: Any, candidate: Any, tokenizer: Any, text: Any, max_tokens: int
+) -> dict[str, Any]:
+    """The kv rows' quality hook: :func:`infopt.eval.compare_through_cache` (chunked decoding
+    through the cache, so a quantized or evicting cache is actually read)."""
+    from ..eval import compare_through_cache
+
+    res = compare_through_cache(
+        reference, candidate, tokenizer, text, max_tokens=max_tokens, window=min(512, max_tokens)
+    )
+    d = res.to_dict()
+    d["source"] = "compare + eval.compare_through_cache (ppl, KL, top1)"
+    return d
+
+
+def _hf_assisted(model: torch.nn.Module, quant: Any = None) -> torch.nn.Module:
+    # Peer: HF's own assisted generation with the same draft model (quantized by infopt when
+    # ``quant`` is given, so the int4-draft rows compare the speculation loops, not the drafts).
+    from ..speculative.config import DraftModelConfig
+
+    draft = DraftModelConfig(QWEN_DRAFT, quant=quant).load(model)
+    model.generate = functools.partial(model.generate, assistant_model=draft)
+    return model
+
+
+def _hf_prompt_lookup(model: torch.nn.Module) -> torch.nn.Module:
+    # Peer: HF's prompt-lookup decoding (its documented default of 10 draft tokens).
+    model.generate = functools.partial(model.generate, prompt_lookup_num_tokens=10)
+    return model
 
 
 def _torchao_int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
@@ -195,14 +281,3 @@ def _torchao_int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
 
         quantize_(model, int8_weight_only())
     return model
-
-
-# Peer row, only offered where torchao is installed (find_spec does not import it).
-if importlib.util.find_spec("torchao") is not None:
-    register_bench_config(
-        BenchConfig(
-            "torchao-int8",
-            "peer: torchao int8 weight-only (quantize_), fp32 activations",
-            apply=_torchao_int8_weight_only,
-        )
-    )

@@ -150,12 +150,14 @@ def format_notes(res: BenchResult) -> str:
 
 
 def _quality_hook_note(res: BenchResult) -> str:
-    hooked = [r.name for r in res.rows if "kvcache" in str((r.eval or {}).get("source", ""))]
+    # Rows whose config declares a quality hook (the kv rows: BenchConfig.quality).
+    hooked = [r.name for r in res.rows if r.eval and r.config.get("quality")]
     if not hooked:
         return ""
     return (
         f"{', '.join(hooked)}: ppl/KL/top1 decoded through the KV cache in chunks "
-        "(infopt.kvcache.quality), since compare's use_cache=False forwards never read it."
+        "(infopt.eval.compare_through_cache), since compare's use_cache=False forwards never "
+        "read it."
     )
 
 

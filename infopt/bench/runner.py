@@ -31,9 +31,11 @@ from .timing import GenTiming, PeakMemory, memory_in_use, summarize, timed_gener
 
 Loader = Callable[[str, torch.dtype, str], tuple[Any, Any]]  # (name, dtype, device) -> (model, tok)
 
-# Defaults sized so `infopt bench` on SmolLM2-135M, 2-core CPU, takes ~2-3 minutes (docs/bench.md).
+# The default rows show the library: its int8 and int4 (int8 head) weights, a paged KV cache with
+# prefix reuse, and speculative decoding, each against the fp32 baseline. Sized so that
+# `bash scripts/bench.sh` on SmolLM2-135M, 2-core CPU, takes well under 10 minutes.
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_CONFIGS = ("baseline", "bf16")
+DEFAULT_CONFIGS = ("baseline", "int8", "int4", "paged-prefix", "spec-prompt-lookup")
 DEFAULT_PROMPT_TOKENS = 128
 PROMPT_SETS = ("text", "code", "grounded")
 DEFAULT_PROMPT = "text"
@@ -410,8 +412,9 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def _spec_stats(model: Any) -> Any:
     """The SpecStats of ``model``'s last speculative generate, or None (not speculative)."""
-    spec = sys.modules.get("infopt.speculative")  # never imported here: only if it was applied
-    return None if spec is None else spec.last_stats(model)
+    from ..options import technique_state
+
+    return getattr(technique_state(model, "spec"), "last_stats", None)
 
 
 def _sum_spec_stats(runs: list[Any]) -> dict[str, Any] | None:

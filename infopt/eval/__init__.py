@@ -6,12 +6,14 @@ Typical use::
 
     perplexity(model, tok)                  # default text: Lee news corpus, 4096 tokens
     compare(reference, optimized, tok).to_dict()
+    compare_through_cache(reference, kv_wrapped, tok)   # quality as a KV cache is read
 
 See ``docs/eval.md`` for the definitions and reference numbers.
 """
 
 from .metrics import (
     CompareResult,
+    Divergence,
     PerplexityResult,
     compare,
     generate_greedy,
@@ -34,6 +36,7 @@ from .texts import (
     lee_articles,
     pydoc_paragraphs,
 )
+from .through_cache import CacheCompareResult, compare_through_cache
 
 __all__ = [
     "CODE_PROMPTS",
@@ -41,10 +44,13 @@ __all__ = [
     "GROUNDED_PROMPTS",
     "LEE_SHA256",
     "TEXT_NAMES",
+    "CacheCompareResult",
     "CompareResult",
+    "Divergence",
     "PerplexityResult",
     "cache_dir",
     "compare",
+    "compare_through_cache",
     "default_text",
     "eval_prompts",
     "fetch_lee",

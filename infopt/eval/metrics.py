@@ -101,6 +101,57 @@ class CompareResult:
         return dataclasses.asdict(self)
 
 
+class Divergence:
+    """Running reference-vs-candidate statistics over scored positions: NLL of each model,
+    ``KL(P_ref || P_cand)`` per position and top-1 agreement, all in fp32. The one
+    implementation behind :func:`compare` and :func:`~infopt.eval.compare_through_cache`.
+
+    ``add(ref_logits [n, V], cand_logits [n, V], targets [n])`` on one device (each chunk of
+    ``_KL_CHUNK`` rows is upcast and log-softmaxed on its own, so memory stays bounded);
+    :meth:`summary` gives the fields :class:`CompareResult` shares with the cache comparison.
+    """
+
+    def __init__(self) -> None:
+        self.kls: list[torch.Tensor] = []
+        self.nll_ref = self.nll_cand = 0.0
+        self.agree = self.count = 0
+
+    def add(
+        self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor
+    ) -> None:
+        n = targets.shape[0]
+        for c0 in range(0, n, _KL_CHUNK):
+            r = ref_logits[c0 : c0 + _KL_CHUNK].float().log_softmax(-1)
+            c = cand_logits[c0 : c0 + _KL_CHUNK].float().log_softmax(-1)
+            t = targets[c0 : c0 + _KL_CHUNK, None]
+            # KL(P_ref || P_cand) per position; rounding can make it a hair negative.
+            self.kls.append((r.exp() * (r - c)).sum(-1).clamp_min(0.0).cpu())
+            self.nll_ref -= r.gather(-1, t).sum().item()
+            self.nll_cand -= c.gather(-1, t).sum().item()
+            self.agree += (r.argmax(-1) == c.argmax(-1)).sum().item()
+        self.count += n
+
+    def summary(self) -> dict[str, Any]:
+        """``ppl_ref, ppl_cand, ppl_rel_increase, nll_ref, nll_cand, kl_mean, kl_p99, kl_max,
+        top1_agreement, n_tokens``."""
+        kl = torch.cat(self.kls).double()
+        nll_ref, nll_cand = self.nll_ref / self.count, self.nll_cand / self.count
+        ppl_ref, ppl_cand = math.exp(nll_ref), math.exp(nll_cand)
+        return {
+            "ppl_ref": ppl_ref,
+            "ppl_cand": ppl_cand,
+            "ppl_rel_increase": ppl_cand / ppl_ref - 1.0,
+            "nll_ref": nll_ref,
+            "nll_cand": nll_cand,
+            "kl_mean": kl.mean().item(),
+            # Nearest-rank percentile (torch.quantile refuses > 16M elements).
+            "kl_p99": kl.kthvalue(max(1, math.ceil(0.99 * kl.numel()))).values.item(),
+            "kl_max": kl.max().item(),
+            "top1_agreement": self.agree / self.count,
+            "n_tokens": self.count,
+        }
+
+
 def tokenize_text(tokenizer: Any, text: TextLike, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids ``[T]`` (int64, CPU) of ``text``, truncated to ``max_tokens``.
 
@@ -351,9 +402,8 @@ def compare(
         prompts = eval_prompts(n_prompts)
     dev_ref, dev_cand = _model_device(reference), _model_device(candidate)
 
-    kls: list[torch.Tensor] = []
-    nll_ref = nll_cand = 0.0
-    agree = count = n_windows = 0
+    div = Divergence()
+    n_windows = 0
     with torch.inference_mode(), _eval_mode(reference, candidate):
         for text in texts:
             ids = tokenize_text(tokenizer, text, max_tokens)
@@ -365,22 +415,9 @@ def compare(
                 lc = _logits(candidate, x, dev_cand)[0, s - b - 1 : e - b - 1]
                 if lr.device != lc.device:
                     lr, lc = lr.cpu(), lc.cpu()
-                tgt = ids[s:e].to(lr.device)
-                for c0 in range(0, e - s, _KL_CHUNK):
-                    r = lr[c0 : c0 + _KL_CHUNK].float().log_softmax(-1)
-                    c = lc[c0 : c0 + _KL_CHUNK].float().log_softmax(-1)
-                    t = tgt[c0 : c0 + _KL_CHUNK, None]
-                    # KL(P_ref || P_cand) per position; rounding can make it a hair negative.
-                    kls.append((r.exp() * (r - c)).sum(-1).clamp_min(0.0).cpu())
-                    nll_ref -= r.gather(-1, t).sum().item()
-                    nll_cand -= c.gather(-1, t).sum().item()
-                    agree += (r.argmax(-1) == c.argmax(-1)).sum().item()
-                count += e - s
+                div.add(lr, lc, ids[s:e].to(lr.device))
                 del lr, lc
 
-    kl = torch.cat(kls).double()
-    nll_ref, nll_cand = nll_ref / count, nll_cand / count
-    ppl_ref, ppl_cand = math.exp(nll_ref), math.exp(nll_cand)
     if len(prompts) > 0:
         gen_ref = generate_greedy(reference, tokenizer, prompts, max_new_tokens)
         gen_cand = generate_greedy(candidate, tokenizer, prompts, max_new_tokens)
@@ -388,19 +425,9 @@ def compare(
     else:
         prefix = exact = None
     return CompareResult(
-        ppl_ref=ppl_ref,
-        ppl_cand=ppl_cand,
-        ppl_rel_increase=ppl_cand / ppl_ref - 1.0,
-        nll_ref=nll_ref,
-        nll_cand=nll_cand,
-        kl_mean=kl.mean().item(),
-        # Nearest-rank percentile (torch.quantile refuses > 16M elements).
-        kl_p99=kl.kthvalue(max(1, math.ceil(0.99 * kl.numel()))).values.item(),
-        kl_max=kl.max().item(),
-        top1_agreement=agree / count,
+        **div.summary(),
         greedy_prefix_match=prefix,
         greedy_exact_match=exact,
-        n_tokens=count,
         n_windows=n_windows,
         n_prompts=len(prompts),
         max_new_tokens=max_new_tokens,

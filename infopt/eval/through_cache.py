@@ -6,8 +6,8 @@ they cannot see what an int8/fp8 pool or an eviction policy does. :func:`compare
 feeds each window through the model's cache in chunks (``first_chunk`` tokens, then ``chunk`` at
 a time), so every later chunk attends to what the cache *stored*: quantized K/V, or only the
 tokens a policy kept. The reference runs the same chunks over HF's ``DynamicCache`` (or its own
-paged cache), and the two are compared position by position like ``compare`` does (fp32 NLL,
-``KL(P_ref || P_cand)``, top-1 agreement).
+paged cache), and the two are compared position by position by the same code as ``compare``
+(:class:`~infopt.eval.metrics.Divergence`: fp32 NLL, ``KL(P_ref || P_cand)``, top-1 agreement).
 
 Windowing matches :func:`infopt.eval.window_spans` (non-overlapping windows, the first token of
 each unscored), so ``ppl_ref`` equals ``compare``'s up to the chunking's float reordering.
@@ -16,11 +16,11 @@ each unscored), so ``ppl_ref`` equals ``compare``'s up to the chunking's float r
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from .metrics import Divergence, tokenize_text, window_spans
 
 __all__ = ["CacheCompareResult", "compare_through_cache", "new_cache"]
 
@@ -55,11 +55,12 @@ class CacheCompareResult:
 def new_cache(model: Any, tokens_hint: int) -> Any:
     """A fresh cache for ``model``: its paged cache if it is wrapped with ``kv=...`` (its own
     private pool, even with prefix caching), else HF's ``DynamicCache``."""
-    from .paged_cache import PagedCache
+    from ..kvcache.hf import kv_state
+    from ..kvcache.paged_cache import PagedCache
 
-    cfg = getattr(model, "_infopt_kv_config", None)
-    if cfg is not None:
-        return PagedCache.from_model(model, cfg, tokens_hint=tokens_hint)
+    state = kv_state(model)
+    if state is not None:
+        return PagedCache.from_model(model, state.config, tokens_hint=tokens_hint)
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
@@ -96,22 +97,18 @@ def compare_through_cache(
             the first attend through the stored cache (a first chunk from an empty cache runs
             on its fresh states).
     """
-    from ..eval.metrics import tokenize_text, window_spans
-
     for name, v in (("window", window), ("chunk", chunk), ("first_chunk", first_chunk)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
     if text is None:
-        from ..eval import default_text
+        from .texts import default_text
 
         text = default_text()
     ids = tokenize_text(tokenizer, text, max_tokens)
     dev = next(reference.parameters()).device
-    nll_ref = nll_cand = 0.0
-    kls: list[torch.Tensor] = []
-    agree = count = 0
+    div = Divergence()
     max_tokens_held: int | None = None
     max_bytes: int | None = None
     spans = window_spans(ids.numel(), window)
@@ -125,7 +122,7 @@ def compare_through_cache(
                 logits = []
                 for m, c in zip((reference, candidate), caches):
                     out = m(input_ids=x[None, a:b], past_key_values=c, use_cache=True)
-                    logits.append(out.logits[0, lo - a : hi - a].float())
+                    logits.append(out.logits[0, lo - a : hi - a])
                 held = getattr(caches[1], "seq_lens", None)
                 if held is not None:
                     max_tokens_held = max(max_tokens_held or 0, sum(held()))
@@ -133,27 +130,9 @@ def compare_through_cache(
                     max_bytes = max(max_bytes or 0, int(alloc))
                 if hi <= lo:
                     continue
-                tgt = x[lo + 1 : hi + 1]
-                lp_ref, lp_cand = (F.log_softmax(lg, -1) for lg in logits)
-                nll_ref += F.nll_loss(lp_ref, tgt, reduction="sum").item()
-                nll_cand += F.nll_loss(lp_cand, tgt, reduction="sum").item()
-                kls.append((lp_ref.exp() * (lp_ref - lp_cand)).sum(-1).clamp_min(0).cpu())
-                agree += int((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
-                count += hi - lo
-    kl = torch.cat(kls)
-    nr, nc = nll_ref / count, nll_cand / count
-    p99 = kl.sort().values[min(len(kl) - 1, math.ceil(0.99 * len(kl)) - 1)].item()
+                div.add(logits[0], logits[1], x[lo + 1 : hi + 1])
     return CacheCompareResult(
-        ppl_ref=math.exp(nr),
-        ppl_cand=math.exp(nc),
-        ppl_rel_increase=math.exp(nc) / math.exp(nr) - 1,
-        nll_ref=nr,
-        nll_cand=nc,
-        kl_mean=kl.mean().item(),
-        kl_p99=p99,
-        kl_max=kl.max().item(),
-        top1_agreement=agree / count,
-        n_tokens=count,
+        **div.summary(),
         n_windows=len(spans),
         window=window,
         chunk=chunk,

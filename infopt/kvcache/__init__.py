@@ -12,19 +12,18 @@ Pieces: :class:`BlockAllocator` / :class:`BlockManager` (blocks, refcounts, copy
 :class:`OutOfBlocksError`), :class:`PrefixCachingAllocator` (content-addressed blocks, LRU/TTL),
 :class:`KVPool` (the per-layer tensors, possibly quantized), :class:`PagedCache` (a
 ``transformers`` ``Cache``), eviction policies (:mod:`.policy`), the ``"infopt_paged"`` attention
-function, the paged kernels in :mod:`infopt.ops`, and :mod:`.quality` (quality measured through
-the cache). Importing this module registers the ``wrap_model`` option ``kv`` and the kv bench
-rows. See ``docs/kvcache.md``.
+function and the paged kernels in :mod:`infopt.ops`; :class:`KVState` is what a wrapped model
+keeps. Quality as the cache is read: :func:`infopt.eval.compare_through_cache`. Importing this
+module registers the ``wrap_model`` option ``kv``. See ``docs/kvcache.md``.
 """
 
 from __future__ import annotations
 
-from ..api import register_option
-from ..bench.configs import BenchConfig, register_bench_config
+from ..options import register_option
 from .allocator import BlockAllocator, BlockManager, OutOfBlocksError, SequenceBlocks, SlotPlan
 from .checks import check_kv_supported
 from .config import KV_ALIASES, KVConfig
-from .hf import ATTN_NAME, disable_paged, enable_paged, model_pool, register
+from .hf import ATTN_NAME, KVState, disable_paged, enable_paged, kv_state, model_pool, register
 from .paged_cache import PagedCache, PagedLayer
 from .pool import KVMemoryError, KVPool
 from .prefix import PrefixCachingAllocator, PrefixStats
@@ -36,6 +35,7 @@ __all__ = [
     "KVConfig",
     "KVMemoryError",
     "KVPool",
+    "KVState",
     "OutOfBlocksError",
     "PagedCache",
     "PagedLayer",
@@ -46,36 +46,9 @@ __all__ = [
     "check_kv_supported",
     "disable_paged",
     "enable_paged",
+    "kv_state",
     "model_pool",
     "register",
 ]
 
 register_option("kv", KVConfig, KV_ALIASES, description="paged KV cache + paged attention kernels")
-
-# Bench rows. Their quality columns come from infopt.kvcache.quality.compare_through_cache
-# (chunked decoding through the cache, so a quantized or evicting cache is actually read);
-# infopt.eval.compare alone scores use_cache=False forwards, which never touch the KV cache.
-def _quality_through_cache(reference, candidate, tokenizer, text, max_tokens):
-    from .quality import compare_through_cache
-
-    res = compare_through_cache(
-        reference, candidate, tokenizer, text, max_tokens=max_tokens, window=min(512, max_tokens)
-    )
-    d = res.to_dict()
-    d["source"] = "compare + kvcache.quality.compare_through_cache (ppl, KL, top1)"
-    return d
-
-
-for _name, _desc in (
-    ("paged", "kv: paged KV cache + paged attention ops"),
-    (
-        "paged-prefix",
-        "kv: paged + prefix caching (the bench repeats one prompt: timed runs are prefix hits)",
-    ),
-    ("paged-int8", "kv: paged, int8 K/V with per-token per-head scales"),
-    ("paged-fp8", "kv: paged, float8_e4m3fn K/V with per-token per-head scales"),
-):
-    register_bench_config(
-        BenchConfig(_name, _desc, wrap_options={"kv": _name}, quality=_quality_through_cache),
-        overwrite=True,
-    )

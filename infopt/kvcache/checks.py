@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api import register_check
+from ..options import register_check
 from . import hf as kv_hf
 from .config import KVConfig
 from .pool import check_pool_fits, pool_bytes_per_token

@@ -13,7 +13,9 @@ calls) exactly as before.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .. import ops
+from ..options import clear_technique_state, set_technique_state, technique_state
 from .config import KVConfig
 from .forward import current_context, plan_attention
 from .paged_cache import PagedCache, get_paged_layer
@@ -28,9 +31,11 @@ from .pool import KVPool
 
 __all__ = [
     "ATTN_NAME",
+    "KVState",
     "attention_shapes",
     "disable_paged",
     "enable_paged",
+    "kv_state",
     "model_pool",
     "paged_cache_generate",
     "register",
@@ -38,8 +43,37 @@ __all__ = [
 ]
 
 ATTN_NAME = "infopt_paged"
-_ORIG_ATTR = "_infopt_kv_original"  # (bound generate, previous attn implementation)
-_POOL_ATTR = "_infopt_kv_pool"  # the persistent KVPool of a prefix-caching model
+#: The kv cache's entry in the model's state object (:class:`infopt.options.WrapState`).
+KV_STATE = "kv"
+
+
+@dataclasses.dataclass
+class KVState:
+    """What ``kv=...`` keeps on a wrapped model (``technique_state(model, "kv")``).
+
+    Attributes:
+        config: the applied :class:`KVConfig`.
+        original_generate: the model's ``generate`` before it was wrapped (bound method).
+        previous_attn: its attention implementation before it was switched to ``infopt_paged``.
+        pool: the persistent :class:`KVPool` (prefix caching, or the engine's pool), built on
+            first use.
+        engine: the :class:`~infopt.batching.Engine` behind ``generate`` (set by
+            :mod:`infopt.batching`; ``None`` on the PagedCache-only path).
+        attach_spec: ``fn(spec_config)`` that joins a ``spec=`` proposer to that engine.
+    """
+
+    config: KVConfig
+    original_generate: Callable[..., Any]
+    previous_attn: Any
+    pool: KVPool | None = None
+    engine: Any = None
+    attach_spec: Callable[[Any], None] | None = None
+
+
+def kv_state(model: Any) -> KVState | None:
+    """The :class:`KVState` of a model wrapped with ``kv=...`` (``None`` otherwise)."""
+    state = technique_state(model, KV_STATE)
+    return state if isinstance(state, KVState) else None
 
 
 def attention_shapes(model: Any) -> tuple[int, int, int]:
@@ -268,20 +302,18 @@ def enable_paged(model: Any, config: KVConfig | None = None) -> Any:
     """
     config = config or KVConfig()
     _check_model(model)
-    previous = getattr(model, _ORIG_ATTR, None)
-    old_impl = previous[1] if previous else model.config._attn_implementation
+    previous = kv_state(model)
+    old_impl = previous.previous_attn if previous else model.config._attn_implementation
     switch_to_paged(model)
-    original = previous[0] if previous else model.generate
+    original = previous.original_generate if previous else model.generate
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
         return paged_cache_generate(model, original, config, args, kwargs)
 
     model.generate = generate  # instance attribute: shadows the class method for this model only
-    setattr(model, _ORIG_ATTR, (original, old_impl))
-    model._infopt_kv_config = config
-    if hasattr(model, _POOL_ATTR):  # a pool built for an earlier config
-        delattr(model, _POOL_ATTR)
+    # A fresh state: a pool built for an earlier config is dropped.
+    set_technique_state(model, KV_STATE, KVState(config, original, old_impl))
     return model
 
 
@@ -302,7 +334,8 @@ def model_pool(model: Any, config: KVConfig, tokens_hint: int | None = None) -> 
     moved to another dtype/device). Sized by ``config``, else by the first call's
     ``tokens_hint`` and grown on demand."""
     param = next(model.parameters())
-    pool = getattr(model, _POOL_ATTR, None)
+    state = kv_state(model)
+    pool = None if state is None else state.pool
     if pool is None or (pool.dtype, pool.device) != (param.dtype, param.device):
         num_layers, num_kv_heads, head_dim = attention_shapes(model)
         pool = KVPool(
@@ -314,7 +347,8 @@ def model_pool(model: Any, config: KVConfig, tokens_hint: int | None = None) -> 
             device=param.device,
             tokens_hint=tokens_hint,
         )
-        setattr(model, _POOL_ATTR, pool)
+        if state is not None:
+            state.pool = pool
     return pool
 
 
@@ -378,15 +412,10 @@ def _rows_tokens(model, cache, ids, mask, out, kwargs) -> list[list[int]] | None
 
 def disable_paged(model: Any) -> Any:
     """Undo :func:`enable_paged`: the class's ``generate`` and the previous attention again."""
-    previous = getattr(model, _ORIG_ATTR, None)
+    previous = kv_state(model)
     if previous is None:
         return model
     del model.generate  # the instance attribute; the class method shows through again
-    model.set_attn_implementation(previous[1])
-    delattr(model, _ORIG_ATTR)
-    del model._infopt_kv_config
-    # the engine's, when generate ran on one
-    for attr in (_POOL_ATTR, "_infopt_kv_engine", "_infopt_attach_spec"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    model.set_attn_implementation(previous.previous_attn)
+    clear_technique_state(model, KV_STATE)  # its pool and engine with it
     return model

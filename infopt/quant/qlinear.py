@@ -21,6 +21,9 @@ import torch.nn as nn
 from . import matmul
 from .formats import check_group_size, num_groups, quantize_fp8, quantize_int4, quantize_int8
 
+# format name -> QuantizedLinear subclass, filled by QuantizedLinear.__init_subclass__
+_MODULE_TYPES: dict[str, type[QuantizedLinear]] = {}
+
 __all__ = [
     "FP8Linear",
     "Int4Linear",
@@ -32,9 +35,29 @@ __all__ = [
 
 
 class QuantizedLinear(nn.Module):
-    """Base class: shapes, bias, optional explicit input multiplier, (de)serialisable spec."""
+    """Base class: shapes, bias, optional explicit input multiplier, (de)serialisable spec.
+
+    A subclass with a ``FORMAT`` registers itself under that name (what :meth:`spec` writes
+    and :meth:`from_spec` / :func:`~infopt.quant.load_quantized` look up); its extra
+    constructor arguments are listed in ``SPEC_FIELDS`` and checked by :meth:`_check_spec`.
+    """
 
     FORMAT: ClassVar[str] = ""
+    #: constructor kwargs beyond the base's that :meth:`spec` records
+    SPEC_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fmt = cls.__dict__.get("FORMAT")
+        if fmt:
+            if fmt in _MODULE_TYPES and _MODULE_TYPES[fmt] is not cls:
+                raise ValueError(f"quantized format {fmt!r} is registered twice")
+            _MODULE_TYPES[fmt] = cls
+
+    @classmethod
+    def _check_spec(cls, kwargs: dict[str, Any]) -> None:
+        """Validate the ``SPEC_FIELDS`` of a spec read from a file (``ValueError`` naming the
+        field)."""
 
     def __init__(
         self,
@@ -120,6 +143,8 @@ class Int8Linear(QuantizedLinear):
     """int8 weight-only. Buffers: ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``."""
 
     FORMAT = "int8"
+    #: the :mod:`infopt.ops` op computing ``x @ dequant(qweight).T + bias``
+    OP: ClassVar[str] = "int8_weight_only_linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw: Any) -> None:
         super().__init__(in_features, out_features, bias, **kw)
@@ -144,9 +169,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers
-        return self._linear(
-            "int8_weight_only_linear", self._prescale(x), b["qweight"], b["scale"], b["bias"]
-        )
+        return self._linear(self.OP, self._prescale(x), b["qweight"], b["scale"], b["bias"])
 
     def _format_repr(self) -> str:
         return "int8 per-channel symmetric"
@@ -157,12 +180,7 @@ class W8A8Linear(Int8Linear):
     per token to int8 on the fly and multiplied in int8 x int8 -> int32."""
 
     FORMAT = "w8a8"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._buffers
-        return self._linear(
-            "int8_dynamic_linear", self._prescale(x), b["qweight"], b["scale"], b["bias"]
-        )
+    OP = "int8_dynamic_linear"
 
     def _format_repr(self) -> str:
         return "w8a8 (int8 per-channel weights, int8 per-token dynamic activations)"
@@ -187,7 +205,21 @@ class Int4Linear(QuantizedLinear):
     """
 
     FORMAT = "int4"
+    SPEC_FIELDS = frozenset({"group_size", "act_dtype"})
     ACT_DTYPES: ClassVar[tuple[str | None, ...]] = (None, "int8")
+
+    @classmethod
+    def _check_spec(cls, kwargs: dict[str, Any]) -> None:
+        gs = kwargs.get("group_size", 128)
+        if type(gs) is not int:
+            raise ValueError(f"group_size: must be an int, got {gs!r}")
+        try:
+            check_group_size(gs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"group_size: {e}") from None
+        act = kwargs.get("act_dtype")
+        if act not in cls.ACT_DTYPES:
+            raise ValueError(f"act_dtype: must be one of {cls.ACT_DTYPES}, got {act!r}")
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
@@ -349,7 +381,6 @@ BIAS_DTYPES = {
     str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 }
 _SPEC_FIELDS = {"format", "in_features", "out_features", "bias", "has_in_scale", "bias_dtype"}
-_INT4_FIELDS = {"group_size", "act_dtype"}
 
 
 def _class_and_kwargs(spec: Any) -> tuple[type[QuantizedLinear], dict[str, Any]]:
@@ -360,7 +391,7 @@ def _class_and_kwargs(spec: Any) -> tuple[type[QuantizedLinear], dict[str, Any]]
     if cls is None:
         known = sorted(quantized_module_types())
         raise ValueError(f"format: unknown quantized format {fmt!r}; known: {known}")
-    allowed = _SPEC_FIELDS | (_INT4_FIELDS if cls is Int4Linear else set())
+    allowed = _SPEC_FIELDS | cls.SPEC_FIELDS
     unknown, missing = set(spec) - allowed, (_SPEC_FIELDS - {"format"}) - set(spec)
     if unknown or missing:
         raise ValueError(
@@ -379,20 +410,11 @@ def _class_and_kwargs(spec: Any) -> tuple[type[QuantizedLinear], dict[str, Any]]
     if not isinstance(dtype, str) or dtype not in BIAS_DTYPES:
         raise ValueError(f"bias_dtype: must be one of {sorted(BIAS_DTYPES)}, got {dtype!r}")
     kwargs["bias_dtype"] = BIAS_DTYPES[dtype]
-    if cls is Int4Linear:
-        gs = kwargs.get("group_size", 128)
-        if type(gs) is not int:
-            raise ValueError(f"group_size: must be an int, got {gs!r}")
-        try:
-            check_group_size(gs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"group_size: {e}") from None
-        act = kwargs.get("act_dtype")
-        if act not in Int4Linear.ACT_DTYPES:
-            raise ValueError(f"act_dtype: must be one of {Int4Linear.ACT_DTYPES}, got {act!r}")
+    cls._check_spec(kwargs)
     return cls, kwargs
 
 
 def quantized_module_types() -> dict[str, type[QuantizedLinear]]:
-    """``{format name: module class}`` for every quantized linear."""
-    return {c.FORMAT: c for c in (Int8Linear, Int4Linear, W8A8Linear, FP8Linear)}
+    """``{format name: module class}`` for every quantized linear (each subclass with a
+    ``FORMAT`` registers itself when it is defined)."""
+    return dict(_MODULE_TYPES)

@@ -1,47 +1,49 @@
 """``quantize_model``: the full-featured entry point (``wrap_model(quant=...)`` calls it).
 
 Picks the target linears (``include`` / ``skip`` patterns), gets calibration token ids when
-the method needs them, runs the method and records the config on the model for
-:func:`~infopt.quant.save_quantized`.
+the method needs them, runs the method of the config type's :class:`QuantHandler` and records
+the config on the model for :func:`~infopt.quant.save_quantized`.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..module_walk import matches_any, replace_modules
-from .awq import awq_block, smooth_block
-from .blockwise import collect_stats, run_sequential
-from .calib_data import calibration_ids, resolve_tokenizer
-from .config import (
-    FP8Config,
-    Int4WeightOnlyConfig,
-    Int8WeightOnlyConfig,
-    QuantConfig,
-    W8A8Config,
+from ..options import (
+    parse_registered_option,
+    register_check,
+    register_handler,
+    set_technique_state,
+    technique_state,
 )
-from .gptq import gptq_quantize
+from .blockwise import BlockFn, run_sequential
+from .calib_data import calibration_ids, check_calibration_source, resolve_tokenizer
+from .config import QuantConfig
 from .hugepages import hugepage_copy
-from .qlinear import FP8Linear, Int4Linear, Int8Linear, QuantizedLinear, W8A8Linear
-from .structure import BlockInputs
+from .qlinear import Int8Linear, QuantizedLinear
+from .structure import find_blocks
 
 __all__ = [
-    "QUANT_ATTR",
+    "QuantHandler",
     "check_finite_weights",
     "check_quantizable",
     "is_quantized",
     "quant_config_of",
+    "quant_handler_for",
     "quantize_model",
     "refuse_save_pretrained",
+    "register_quant_handler",
     "select_targets",
+    "set_quant_state",
 ]
 
-# Attribute holding the applied QuantConfig's to_dict() on a quantized model.
-QUANT_ATTR = "_infopt_quant_config"
+#: The quantization's entry in the model's state object (:class:`infopt.options.WrapState`).
+QUANT_STATE = "quant"
 _GLOB_CHARS = set("*?[")
 
 
@@ -52,8 +54,14 @@ def is_quantized(model: nn.Module) -> bool:
 
 def quant_config_of(model: nn.Module) -> QuantConfig | None:
     """The config ``model`` was quantized with (None if it was not quantized by infopt)."""
-    d = getattr(model, QUANT_ATTR, None)
-    return None if d is None else QuantConfig.from_dict(d)
+    config = technique_state(model, QUANT_STATE)
+    return config if isinstance(config, QuantConfig) else None
+
+
+def set_quant_state(model: nn.Module, config: QuantConfig) -> None:
+    """Record on ``model`` (in its :class:`~infopt.options.WrapState`) that it was quantized
+    with ``config``."""
+    set_technique_state(model, QUANT_STATE, config)
 
 
 def select_targets(model: nn.Module, config: QuantConfig) -> list[str]:
@@ -93,7 +101,7 @@ def check_quantizable(
     linear names, output head name for lm_head="int8" or None)``. Changes nothing."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if is_quantized(model) or getattr(model, QUANT_ATTR, None) is not None:
+    if is_quantized(model) or quant_config_of(model) is not None:
         raise ValueError(
             "model is already quantized (it contains infopt quantized linears); quantize the "
             "original floating-point model instead"
@@ -105,42 +113,75 @@ def check_quantizable(
     return targets, head
 
 
-def _rtn_module(config: QuantConfig, linear: nn.Linear) -> nn.Module:
-    """Calibration-free quantization of one linear in ``config``'s format."""
-    if isinstance(config, Int8WeightOnlyConfig):
-        return Int8Linear.from_linear(linear)
-    if isinstance(config, Int4WeightOnlyConfig):
-        return Int4Linear.from_linear(linear, config.group_size)
-    if isinstance(config, FP8Config):
-        return FP8Linear.from_linear(linear)
-    if isinstance(config, W8A8Config):
-        return W8A8Linear.from_linear(linear)  # outside blocks: no smoothing
-    raise TypeError(f"unsupported quant config {type(config).__name__}")
+class QuantHandler:
+    """How one quantization config type quantizes a model (after torchao's
+    ``register_quantize_module_handler``): one instance per config type, registered with
+    :func:`register_quant_handler` and found through the config's MRO. A new format is a
+    config class, a handler and a :class:`~infopt.quant.qlinear.QuantizedLinear` subclass.
+    The formats infopt ships are in :mod:`infopt.quant.handlers`.
+    """
+
+    def quantize_linear(self, linear: nn.Linear, config: QuantConfig) -> nn.Module:
+        """The quantized replacement of one ``nn.Linear`` without calibration (RTN; also the
+        target linears a calibrated method leaves outside the repeated blocks)."""
+        raise NotImplementedError
+
+    def calibration(self, config: QuantConfig) -> tuple[BlockFn, str] | None:
+        """``(block method, its name for the progress bar)`` for a config that needs
+        calibration activations (:func:`~infopt.quant.blockwise.run_sequential` runs it block
+        by block), ``None`` for a calibration-free one."""
+        return None
+
+    def finish(self, model: nn.Module, config: QuantConfig) -> None:
+        """Called once every target is replaced (e.g. int4's activation mode)."""
+
+    # wrap_model(quant=...): the handler and check registered for this config type.
+    def apply(self, model: nn.Module, config: QuantConfig) -> None:
+        # Calibrated methods find a tokenizer in the model's local directory; use
+        # quantize_model(..., tokenizer=..., calib_input_ids=...) to supply calibration directly.
+        quantize_model(model, config)
+
+    def check(self, model: nn.Module, config: QuantConfig) -> None:
+        check_quantizable(model, config)
+        if config.calibrated:
+            find_blocks(model)  # calibration runs block by block
+            check_calibration_source(model)
 
 
-def _gptq_block(
-    block: nn.Module, groups: list[list[str]], chunks: BlockInputs, *, config: Int4WeightOnlyConfig
-) -> dict[str, nn.Module]:
-    mods = dict(block.named_modules())
-    new: dict[str, nn.Module] = {}
-    for group, st in zip(groups, collect_stats(block, groups, chunks, with_cov=True)):
-        hessian = 2.0 * st.cov
-        for name in group:
-            lin = mods[name]
-            qweight, scale, zero = gptq_quantize(
-                lin.weight, hessian, config.group_size, damp=config.damp,
-                block_size=config.block_size, act_order=config.act_order,
-            )
-            new[name] = Int4Linear.from_quantized(lin, qweight, scale, zero, config.group_size)
-    return new
+_QUANT_HANDLERS: dict[type[QuantConfig], QuantHandler] = {}
+
+
+def register_quant_handler(
+    config_type: type[QuantConfig],
+) -> Callable[[type[QuantHandler]], type[QuantHandler]]:
+    """Class decorator: ``config_type`` (and its subclasses) quantize through an instance of
+    the decorated :class:`QuantHandler`, which is also ``wrap_model(quant=...)``'s handler and
+    check for that type."""
+
+    def deco(cls: type[QuantHandler]) -> type[QuantHandler]:
+        if config_type in _QUANT_HANDLERS:
+            raise ValueError(f"a quant handler for {config_type.__name__} is already registered")
+        handler = cls()
+        _QUANT_HANDLERS[config_type] = handler
+        register_handler(config_type)(handler.apply)
+        register_check(config_type)(handler.check)
+        return cls
+
+    return deco
+
+
+def quant_handler_for(config: QuantConfig) -> QuantHandler:
+    """The :class:`QuantHandler` of ``config``'s type (or the nearest registered base)."""
+    for klass in type(config).__mro__:
+        if klass in _QUANT_HANDLERS:
+            return _QUANT_HANDLERS[klass]
+    raise TypeError(f"unsupported quant config {type(config).__name__}: no handler registered")
 
 
 def _as_config(config: Any) -> QuantConfig:
     if isinstance(config, QuantConfig):
         return config
-    from ..api import parse_option
-
-    return parse_option("quant", config)  # alias string or to_dict() dict
+    return parse_registered_option("quant", config)  # alias string or to_dict() dict
 
 
 @torch.no_grad()
@@ -171,6 +212,7 @@ def quantize_model(
             logits, the quantized one finite but meaningless ones. ``False`` skips the check.
     """
     config = _as_config(config)
+    handler = quant_handler_for(config)
     targets, head = check_quantizable(model, config, check_finite=check_finite)
 
     rest = targets
@@ -194,16 +236,7 @@ def quantize_model(
                 f"max_position_embeddings={max_pos}; set calib_seq_len <= {max_pos} in the "
                 "config or pass shorter calib_input_ids"
             )
-        if isinstance(config, W8A8Config):
-            fn, desc = functools.partial(smooth_block, alpha=config.alpha), "SmoothQuant"
-        elif config.method == "gptq":
-            fn, desc = functools.partial(_gptq_block, config=config), "GPTQ"
-        else:
-            fn = functools.partial(
-                awq_block, group_size=config.group_size, grid=config.awq_grid,
-                clip=config.awq_clip, damp=config.awq_damp,
-            )
-            desc = "AWQ"
+        fn, desc = handler.calibration(config)
         was_training = model.training
         model.eval()
         try:
@@ -214,16 +247,14 @@ def quantize_model(
             model.train(was_training)
 
     rest_set = set(rest)
-    replace_modules(model, lambda m, n: n in rest_set, lambda m, n: _rtn_module(config, m))
-    if isinstance(config, Int4WeightOnlyConfig) and config.act_dtype is not None:
-        # After calibration: AWQ / GPTQ searched their weights on unrounded activations.
-        for m in model.modules():
-            if isinstance(m, Int4Linear):
-                m.act_dtype = config.act_dtype
+    replace_modules(
+        model, lambda m, n: n in rest_set, lambda m, n: handler.quantize_linear(m, config)
+    )
+    handler.finish(model, config)
     if config.lm_head == "int8":
         replace_modules(model, lambda m, n: n == head, lambda m, n: Int8Linear.from_linear(m))
     move_to_hugepages(model)
-    setattr(model, QUANT_ATTR, config.to_dict())
+    set_quant_state(model, config)
     refuse_save_pretrained(model)
     return model
 

@@ -25,10 +25,16 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..api import APPLIED_ATTR
+from ..options import record_applied
 from .config import QuantConfig
 from .qlinear import QuantizedLinear, _class_and_kwargs
-from .quantize import QUANT_ATTR, is_quantized, move_to_hugepages, refuse_save_pretrained
+from .quantize import (
+    is_quantized,
+    move_to_hugepages,
+    quant_config_of,
+    refuse_save_pretrained,
+    set_quant_state,
+)
 
 __all__ = ["WEIGHTS_NAME", "CheckpointError", "load_quantized", "save_quantized"]
 
@@ -42,7 +48,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     Raises ValueError if ``model`` was not quantized by :func:`infopt.quant.quantize_model`
     (or ``wrap_model(quant=...)``).
     """
-    config = getattr(model, QUANT_ATTR, None)
+    config = quant_config_of(model)
     if config is None or not is_quantized(model):
         raise ValueError(
             "save_quantized needs a model quantized by infopt (quantize_model / wrap_model)"
@@ -65,7 +71,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     metadata = {
         "format": "pt",
         "infopt_serialization_version": str(_FORMAT_VERSION),
-        "infopt_quant_config": json.dumps(config),
+        "infopt_quant_config": json.dumps(config.to_dict()),
         "infopt_quant_modules": json.dumps(modules),
         "infopt_aliases": json.dumps(aliases),
     }
@@ -391,11 +397,9 @@ def load_quantized(
         if left:
             raise CheckpointError(f"{path}: tensors {left[:8]} were never loaded")
     move_to_hugepages(model)
-    setattr(model, QUANT_ATTR, config.to_dict())
+    set_quant_state(model, config)
     refuse_save_pretrained(model)
-    applied = getattr(model, APPLIED_ATTR, [])
-    applied.append({"option": "quant", "config": config.to_dict()})
-    setattr(model, APPLIED_ATTR, applied)
+    record_applied(model, "quant", config)
     return model.eval()
 
 

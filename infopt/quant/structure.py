@@ -1,7 +1,7 @@
 """Model structure discovery for calibrated quantization, without architecture names.
 
-* :func:`find_blocks`: the repeated transformer blocks = the longest ``nn.ModuleList`` of
-  same-typed modules that contain ``nn.Linear``.
+* :func:`find_blocks`: the repeated transformer blocks
+  (:func:`infopt.module_walk.find_decoder_blocks`, shared with layer-skip speculation).
 * :func:`capture_block_inputs`: run the model until the first block and keep its inputs
   (hidden states plus the keyword arguments the model passes: masks, rotary embeddings...),
   so each block can then be run on its own, one at a time (GPTQ-style sequential
@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..module_walk import find_decoder_blocks
+
 __all__ = [
     "BlockInputs",
     "apply_fold",
@@ -46,27 +48,9 @@ class _Stop(Exception):
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(dotted name, ModuleList)`` of the model's repeated blocks.
-
-    Raises ValueError if no ModuleList of same-typed, Linear-containing modules exists.
-    """
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
-        if not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
-            continue
-        if best is None or len(mod) > len(best[1]):
-            best = (name, mod)
-    if best is None:
-        raise ValueError(
-            "calibrated quantization needs a stack of repeated blocks (an nn.ModuleList of "
-            "same-typed modules containing nn.Linear); none found in "
-            f"{type(model).__name__}"
-        )
-    return best
+    """``(dotted name, ModuleList)`` of the model's repeated blocks
+    (:func:`infopt.module_walk.find_decoder_blocks`); ``ValueError`` if there is none."""
+    return find_decoder_blocks(model, "calibrated quantization")
 
 
 def _to(obj: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:

@@ -12,7 +12,6 @@ verification pass computes several positions at once); sampled output follows th
 processed distribution exactly (rejection sampling). See ``docs/speculative.md``.
 """
 
-from .bench import register_bench_configs
 from .cached_lm import CachedLM, crop_cache
 from .config import DraftModelConfig, LayerSkipConfig, PromptLookupConfig, SpecConfig
 from .decode import SpecOutput, SpecStats, speculative_decode
@@ -28,8 +27,6 @@ from .drafts import (
 )
 from .generate import attach_draft, detach, generate, last_stats
 from .sampling import Sampling, greedy_accept, rejection_accept
-
-register_bench_configs()
 
 __all__ = [
     "CachedLM",

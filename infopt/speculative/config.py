@@ -206,9 +206,9 @@ class DraftModelConfig(SpecConfig):
         if p is not None:
             model = model.to(p.device)
         if self.quant is not None:
-            from ..api import wrap_model
+            from ..quant import quantize_model
 
-            model = wrap_model(model, quant=self.quant)
+            model = quantize_model(model, self.quant)
         return model.eval()
 
     def build(self, target: nn.Module) -> Any:

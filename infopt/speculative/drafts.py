@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from ..module_walk import find_decoder_blocks
 from .cached_lm import CachedLM, build_chunk
 from .sampling import NO_TOKEN, Sampling, sample
 
@@ -251,22 +252,9 @@ class ModelDraft:
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The model's decoder block list, found structurally: the ``nn.ModuleList`` of >= 2
-    same-type children holding the most parameters. Returns ``(parent, attr, layers)``."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
-            continue
-        if len({type(c) for c in mod}) != 1:
-            continue
-        n_params = sum(p.numel() for p in mod.parameters())
-        if best is None or n_params > best[0]:
-            best = (n_params, name, mod)
-    if best is None:
-        raise ValueError(
-            f"{type(model).__name__}: found no nn.ModuleList of decoder blocks to skip layers of"
-        )
-    _, name, layers = best
+    """The model's decoder block list (:func:`infopt.module_walk.find_decoder_blocks`, the same
+    rule as calibrated quantization uses). Returns ``(parent, attr, layers)``."""
+    name, layers = find_decoder_blocks(model, "layer skipping")
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     return parent, attr, layers

@@ -13,13 +13,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..api import register_check, register_handler, register_option
+from ..options import (
+    clear_technique_state,
+    register_check,
+    register_handler,
+    register_option,
+    set_technique_state,
+    technique_state,
+)
 from .config import ALIASES, DEPRECATED_ALIASES, SpecConfig, canonical_alias, check_draft_length
 from .decode import SpecOutput, SpecStats, as_draft_source, check_draft_model, speculative_decode
 from .drafts import DraftSource, ModelDraft
 from .sampling import Sampling
 
-STATE_ATTR = "_infopt_spec"
+#: Speculative decoding's entry in the model's state object (:class:`infopt.options.WrapState`).
+SPEC_STATE = "spec"
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -294,7 +302,7 @@ def _make_generate(model: nn.Module, state: SpecState) -> Callable[..., torch.Te
 
 def _install(model: nn.Module, source: DraftSource, cfg: SpecConfig) -> None:
     own = model.__dict__.get("generate")
-    state = model.__dict__.get(STATE_ATTR)
+    state = technique_state(model, SPEC_STATE)
     if own is not None and state is None:
         raise RuntimeError(
             "model.generate is already replaced on this instance by something else; "
@@ -302,7 +310,7 @@ def _install(model: nn.Module, source: DraftSource, cfg: SpecConfig) -> None:
         )
     original = state.original_generate if state is not None else None
     state = SpecState(source, cfg.num_draft_tokens, cfg.max_draft_tokens, cfg.adaptive, original)
-    model.__dict__[STATE_ATTR] = state
+    set_technique_state(model, SPEC_STATE, state)
     model.generate = _make_generate(model, state)
 
 
@@ -330,14 +338,14 @@ def attach_draft(
 
 def detach(model: nn.Module) -> nn.Module:
     """Undo ``wrap_model(spec=...)`` / :func:`attach_draft`: ``model.generate`` is HF's again."""
-    if model.__dict__.pop(STATE_ATTR, None) is not None:
+    if clear_technique_state(model, SPEC_STATE) is not None:
         model.__dict__.pop("generate", None)
     return model
 
 
 def last_stats(model: nn.Module) -> SpecStats | None:
     """Statistics of the last speculative ``model.generate`` call (None before the first)."""
-    state = model.__dict__.get(STATE_ATTR)
+    state = technique_state(model, SPEC_STATE)
     return None if state is None else state.last_stats
 
 
@@ -354,7 +362,7 @@ register_option(
 def _apply_spec(model: nn.Module, config: SpecConfig) -> None:
     # A model whose generate already runs on the batching engine (wrap_model(kv=...)) takes
     # the drafts inside that engine: one generation loop, not a second generate wrapper.
-    attach = getattr(model, "_infopt_attach_spec", None)
+    attach = getattr(technique_state(model, "kv"), "attach_spec", None)
     if attach is not None:
         attach(config)
         return
