@@ -170,7 +170,9 @@ def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
     Args:
         model: any ``nn.Module``; typically a HuggingFace ``*ForCausalLM``.
         **options: ``option=value`` where value is an alias string, a config dataclass or a
-            config dict (``to_dict()`` output). ``None`` means "not this option".
+            config dict (``to_dict()`` output). ``None`` (or ``False``) means "not this
+            option"; ``True`` means an on/off option's default (``compile=True`` is
+            ``compile="inductor"``).
 
     With no options this is an exact no-op: the same object, untouched parameters.
     The wrapped model keeps working with ``model.generate``.
@@ -185,7 +187,8 @@ def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
         )
     load_builtin_options()
     # Parse everything before touching the model, so one bad option applies nothing.
-    parsed = {name: parse_option(name, v) for name, v in options.items() if v is not None}
+    parsed = {name: parse_option(name, v) for name, v in options.items()
+              if v is not None and v is not False}
     # Weights are quantized before the KV cache and speculation are set up, whatever order the
     # technique packages happened to be imported in; other options follow in registration order.
     registered = list(registered_options())

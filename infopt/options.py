@@ -65,6 +65,8 @@ class OptionSpec:
     description: str = ""
     #: old spelling -> current alias; still accepted, with a DeprecationWarning
     deprecated: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: the alias ``option=True`` stands for (``None``: a bool is not accepted)
+    true_alias: str | None = None
 
 
 _OPTIONS: dict[str, OptionSpec] = {}
@@ -78,11 +80,13 @@ def register_option(
     aliases: Mapping[str, Callable[[], InfoptConfig]],
     description: str = "",
     deprecated: Mapping[str, str] | None = None,
+    true_alias: str | None = None,
 ) -> OptionSpec:
     """Declare a ``wrap_model`` keyword, e.g. ``register_option("quant", QuantConfig, {...})``.
 
     Aliases are spelled with hyphens (``"int4-awq"``, ``"paged-int8"``, ``"prompt-lookup"``);
-    ``deprecated`` maps old spellings to current aliases, accepted with a DeprecationWarning.
+    ``deprecated`` maps old spellings to current aliases, accepted with a DeprecationWarning;
+    ``true_alias`` is the alias ``option=True`` means (on/off options such as ``compile=``).
     """
     if name in _OPTIONS:
         raise ValueError(f"wrap_model option {name!r} is already registered")
@@ -90,7 +94,9 @@ def register_option(
     bad = {old: new for old, new in deprecated.items() if new not in aliases or old in aliases}
     if bad:
         raise ValueError(f"deprecated spellings {bad} must map new names to existing aliases")
-    spec = OptionSpec(name, config_type, dict(aliases), description, deprecated)
+    if true_alias is not None and true_alias not in aliases:
+        raise ValueError(f"true_alias {true_alias!r} is not one of the aliases {sorted(aliases)}")
+    spec = OptionSpec(name, config_type, dict(aliases), description, deprecated, true_alias)
     _OPTIONS[name] = spec
     return spec
 
@@ -150,6 +156,8 @@ def parse_registered_option(name: str, value: Any, *, stacklevel: int = 3) -> In
     if spec is None:
         accepted = ", ".join(sorted(_OPTIONS)) or "none are registered"
         raise ValueError(f"wrap_model got an unknown option {name!r}; accepted options: {accepted}")
+    if value is True and spec.true_alias is not None:
+        value = spec.true_alias
     if isinstance(value, str):
         if value in spec.deprecated:
             new = spec.deprecated[value]

@@ -13,6 +13,8 @@ a token budget. See ``docs/batching.md``.
 
 from __future__ import annotations
 
+from ..options import register_option
+from .compiled import CompileConfig, CompiledDecode
 from .engine import Engine, EngineStats
 from .hf_generate import enable_engine_generate, model_engine  # registers the kv handler
 from .params import EngineConfig, SamplingParams
@@ -23,6 +25,8 @@ from .sampler import Sampler
 from .scheduler import Scheduler
 
 __all__ = [
+    "CompileConfig",
+    "CompiledDecode",
     "Engine",
     "EngineConfig",
     "EngineStats",
@@ -39,3 +43,15 @@ __all__ = [
     "layer_windows",
     "model_engine",
 ]
+
+register_option(
+    "compile",
+    CompileConfig,
+    {
+        "inductor": CompileConfig,
+        "inductor-dynamic": lambda: CompileConfig(dynamic=True),
+        "aot-eager": lambda: CompileConfig(backend="aot_eager"),
+    },
+    description="compiled decode step in the batching engine (torch.compile; CUDA graphs on GPU)",
+    true_alias="inductor",
+)

@@ -104,6 +104,15 @@ class Engine:
         self.num_steps = 0
         self.num_generated = 0
 
+    def enable_compile(self, config: Any) -> None:
+        """Run decode-only steps through a compiled forward (a
+        :class:`~infopt.batching.compiled.CompileConfig`; see :mod:`infopt.batching.compiled`).
+        Call before any request runs."""
+        if self.requests or self._pending:
+            raise RuntimeError("enable_compile: the engine has requests; call it before any run")
+        self.runner.enable_compile(config, self.config.max_num_seqs, self.max_model_len)
+        self.config = dataclasses.replace(self.config, compile=config)
+
     # --- requests ---------------------------------------------------------------------------
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:

@@ -130,6 +130,9 @@ class EngineConfig:
             ``None``.
         spec_disable_batch_size: no drafts in a step where more requests than this are running
             (a full batch gains nothing from verifying guesses).
+        compile: a :class:`~infopt.batching.compiled.CompileConfig`: decode-only steps run a
+            ``torch.compile``-d forward over fixed batch buckets (see
+            :mod:`infopt.batching.compiled`); ``None``: every step runs eager.
     """
 
     max_num_seqs: int = 64
@@ -142,6 +145,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     speculative: Any = None
     spec_disable_batch_size: int = 4
+    compile: Any = None
 
     def __post_init__(self) -> None:
         o = "EngineConfig"
@@ -169,6 +173,12 @@ class EngineConfig:
             raise ValueError(
                 f"{o}.speculative must be None or a wrap_model(spec=...) config "
                 f"(PromptLookupConfig), got {type(self.speculative).__name__}"
+            )
+        from .compiled import CompileConfig
+
+        if self.compile is not None and not isinstance(self.compile, CompileConfig):
+            raise ValueError(
+                f"{o}.compile must be None or a CompileConfig, got {type(self.compile).__name__}"
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(

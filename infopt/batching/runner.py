@@ -18,6 +18,7 @@ from ..kvcache.config import KVConfig
 from ..kvcache.forward import ForwardContext, PagedRows, forward_context
 from ..kvcache.hf import attention_shapes, switch_to_paged
 from ..kvcache.pool import KVPool
+from .compiled import CompiledDecode
 from .params import EngineConfig
 from .plan import StepPlan
 
@@ -103,6 +104,17 @@ class ModelRunner:
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         layers, kv_heads, head_dim = attention_shapes(model)
         self.pool = self._build_pool(config, layers, kv_heads, head_dim, max_model_len)
+        self.compiled: CompiledDecode | None = None
+        if config.compile is not None:
+            self.enable_compile(config.compile, config.max_num_seqs, max_model_len)
+
+    def enable_compile(self, config: Any, max_num_seqs: int, max_model_len: int) -> None:
+        """Decode-only steps from now on run :class:`CompiledDecode` (``config``: a
+        ``CompileConfig``)."""
+        if self.compiled is not None:
+            raise RuntimeError("the decode step is already compiled")
+        self.compiled = CompiledDecode(self.model, self.pool, config, max_num_seqs,
+                                       max_model_len, self.windows)
 
     def _build_pool(self, config: EngineConfig, layers: int, kv_heads: int, head_dim: int,
                     max_model_len: int) -> KVPool:
@@ -168,6 +180,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan's forward. Returns fp32 logits ``[len(plan.sample_rows), vocab]``."""
+        if self.compiled is not None:
+            if self.compiled.accepts(plan):
+                return self.compiled.execute(plan)
+            self.compiled.num_eager_steps += 1
         dev = self.device
         ids = torch.tensor(plan.token_ids, dtype=torch.long, device=dev)[None]
         pos = torch.tensor(plan.positions, dtype=torch.long, device=dev)[None]

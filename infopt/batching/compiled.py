@@ -1,0 +1,281 @@
+"""A compiled decode step for the engine's model runner (``wrap_model(compile=...)``).
+
+On a small model most of a decode step is not arithmetic: HF's Python per layer, dozens of
+small ops and their dispatch cost as much as the weights take to read. :class:`CompiledDecode`
+runs decode-only steps (every sequence computes one token, no block copies) through
+``torch.compile`` over fixed shapes:
+
+- the batch is padded up to a bucket (``CompileConfig.batch_buckets``), one graph per bucket;
+  padded rows write their K/V into a scratch block reserved from the pool and are never
+  sampled;
+- the plan goes into per-bucket buffers of fixed capacity (``input_ids``/``positions``
+  ``[1, B]``, slot mapping ``[B]``, block tables ``[B, max_blocks]``, lengths ``[B]``) updated
+  in place, so every call sees the same tensors and no guard or graph changes between steps;
+- the forward context that the ``"infopt_paged"`` attention reads holds those buffers, so the
+  compiled graph reads the plan at run time; the paged attention and quantized linears are
+  ``infopt::*`` custom ops with fake implementations, which compile as opaque calls.
+
+Prefills, chunked prefills, speculative verification and batches beyond the largest bucket run
+eager (the same runner, the same kernels): they are few per request and dominated by GEMMs.
+On CUDA the default mode is ``"reduce-overhead"`` (CUDA graphs); on CPU inductor's default.
+
+Compiled artifacts are cached across processes by inductor's FX graph cache, kept under
+``CompileConfig.cache_dir`` (default ``~/.cache/infopt/inductor``); the first step of each
+bucket pays the compile (``CompiledDecode.compile_seconds`` reports it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import InfoptConfig, register_config
+from ..kvcache.forward import ForwardContext, forward_context
+from ..kvcache.pool import KVPool
+from .plan import StepPlan
+
+__all__ = ["CompileConfig", "CompiledDecode", "default_cache_dir"]
+
+_log = logging.getLogger(__name__)
+
+_BACKENDS = ("inductor", "aot_eager", "eager")
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("INFOPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "infopt")
+    return os.path.join(base, "inductor")
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class CompileConfig(InfoptConfig):
+    """How the engine compiles its decode step (``wrap_model(compile=True | "inductor" | cfg)``).
+
+    Attributes:
+        backend: ``torch.compile`` backend: ``"inductor"`` (generated kernels), ``"aot_eager"``
+            or ``"eager"`` (tracing only; for debugging a model that fails to compile).
+        mode: ``torch.compile`` mode; ``None`` picks ``"reduce-overhead"`` (CUDA graphs) on CUDA
+            and ``"default"`` on CPU.
+        batch_buckets: decode batch sizes with their own graph (ascending); a batch is padded
+            to the smallest bucket that holds it; larger batches run eager.
+        dynamic: compile one graph with a symbolic batch size instead of one per bucket (fewer
+            compiles, slightly slower steps); batches are still padded to buckets.
+        cache_dir: inductor's cache directory (reused across processes); ``None``: the default
+            under ``~/.cache/infopt`` (``INFOPT_CACHE``); ``""``: leave torch's default.
+        warmup: compile every bucket when the engine is built instead of on first use.
+    """
+
+    VERSION = 1
+    backend: str = "inductor"
+    mode: str | None = None
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    dynamic: bool = False
+    cache_dir: str | None = None
+    warmup: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in _BACKENDS:
+            raise ValueError(
+                f"CompileConfig.backend must be one of {_BACKENDS}, got {self.backend!r}"
+            )
+        if self.mode not in _MODES:
+            raise ValueError(f"CompileConfig.mode must be one of {_MODES}, got {self.mode!r}")
+        b = tuple(self.batch_buckets)
+        if (not b or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in b)
+                or list(b) != sorted(set(b))):
+            raise ValueError(
+                "CompileConfig.batch_buckets must be a non-empty ascending tuple of distinct "
+                f"positive ints, got {self.batch_buckets!r}"
+            )
+        object.__setattr__(self, "batch_buckets", b)
+        for name in ("dynamic", "warmup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CompileConfig.{name} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ValueError(f"CompileConfig.cache_dir must be a str or None, "
+                             f"got {self.cache_dir!r}")
+
+
+@dataclasses.dataclass
+class _Buffers:
+    """One bucket's fixed-capacity plan tensors (on the model's device) and their host mirror.
+
+    ids / pos ``int64 [1, B]``; ctx.slot_mapping ``int64 [B]``; ctx.block_tables
+    ``int32 [B, max_blocks]``; ctx.seq_lens ``int32 [B]``; ctx.query_start_loc ``[B + 1]``
+    (fixed: one query per row). ``host`` is one int64 numpy array ``[B, 4 + max_blocks]``
+    (ids, pos, slot, len, table) filled per step and copied in one go.
+    """
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    ctx: ForwardContext
+    host: np.ndarray
+    host_t: torch.Tensor
+
+
+class CompiledDecode:
+    """Decode-only steps of one :class:`~infopt.batching.ModelRunner` through ``torch.compile``.
+
+    Args:
+        model: the runner's HF model (attention already switched to ``"infopt_paged"``).
+        pool: the runner's KV pool; one block is reserved from its allocator as the scratch
+            block padded rows write to.
+        config: the :class:`CompileConfig`.
+        max_num_seqs: the engine's batch limit (buckets above it are dropped).
+        max_model_len: longest sequence (sets the block tables' width).
+        windows: each layer's sliding window (``None``: full attention), as the runner plans.
+    """
+
+    def __init__(self, model: Any, pool: KVPool, config: CompileConfig, max_num_seqs: int,
+                 max_model_len: int, windows: tuple[int | None, ...]):
+        self.model = model
+        self.pool = pool
+        self.config = config
+        self.device = pool.device
+        self._windows = tuple(windows)
+        buckets = [b for b in config.batch_buckets if b <= max_num_seqs]
+        if not buckets or buckets[-1] < max_num_seqs <= config.batch_buckets[-1]:
+            buckets.append(max_num_seqs)
+        self.buckets = tuple(buckets)
+        self.max_blocks = -(-max_model_len // pool.block_size)
+        if pool.allocator.num_free < 2:
+            raise ValueError(
+                f"compile=: the KV pool has {pool.allocator.num_free} free blocks; the compiled "
+                "decode step reserves one as scratch for padded rows, so num_blocks must be >= 2"
+            )
+        self.scratch_block = pool.allocator.allocate(1)[0]
+        self.compile_seconds: dict[int, float] = {}
+        self.num_compiled_steps = 0
+        self.num_eager_steps = 0
+        self._bufs: dict[int, _Buffers] = {}
+        mode = config.mode
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.mode = mode
+        if config.cache_dir != "":
+            cache = config.cache_dir or default_cache_dir()
+            os.makedirs(cache, exist_ok=True)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+        import torch._dynamo as dynamo
+
+        # One graph per bucket, each guarded on its own buffers: keep them all.
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 4 * len(buckets))
+        self._fn = torch.compile(self._forward, backend=config.backend, mode=mode,
+                                 dynamic=config.dynamic, fullgraph=True)
+        if config.warmup:
+            for b in self.buckets:
+                self._run_bucket(b, 0)
+
+    # --- what runs compiled ---------------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False)
+        return out.logits[0]
+
+    def accepts(self, plan: StepPlan) -> bool:
+        """Whether ``plan`` is a decode-only step that fits a bucket."""
+        n = plan.num_seqs
+        return (
+            0 < n <= self.buckets[-1]
+            and plan.num_tokens == n
+            and not plan.block_copies
+            and not plan.spec_drafts
+            and len(plan.sample_rows) == n
+            and max(len(t) for t in plan.block_tables) <= self.max_blocks
+        )
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"batch {n} exceeds the largest compiled bucket {self.buckets[-1]}")
+
+    def _buffers(self, b: int) -> _Buffers:
+        bufs = self._bufs.get(b)
+        if bufs is not None:
+            return bufs
+        dev, w = self.device, self.max_blocks
+        host = np.zeros((b, 4 + w), dtype=np.int64)
+        ctx = ForwardContext(
+            pool=self.pool,
+            slot_mapping=torch.zeros(b, dtype=torch.long, device=dev),
+            block_tables=torch.zeros(b, w, dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(b, dtype=torch.int32, device=dev),
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
+            layer_windows=self._windows,
+        )
+        bufs = _Buffers(
+            ids=torch.zeros(1, b, dtype=torch.long, device=dev),
+            pos=torch.zeros(1, b, dtype=torch.long, device=dev),
+            ctx=ctx,
+            host=host,
+            host_t=torch.from_numpy(host),
+        )
+        self._bufs[b] = bufs
+        return bufs
+
+    def _fill(self, bufs: _Buffers, plan: StepPlan | None) -> int:
+        """Copy ``plan`` into the bucket's buffers (padded rows: token 0 at position 0 in the
+        scratch block). Returns the number of real rows."""
+        h = bufs.host
+        n = 0 if plan is None else plan.num_seqs
+        h[:, 4:] = 0
+        h[n:, 0] = 0
+        h[n:, 1] = 0
+        h[n:, 2] = self.scratch_block * self.pool.block_size
+        h[n:, 3] = 1
+        h[n:, 4] = self.scratch_block
+        if n:
+            h[:n, 0] = plan.token_ids
+            h[:n, 1] = plan.positions
+            h[:n, 2] = plan.slot_mapping
+            h[:n, 3] = plan.seq_lens
+            for i, row in enumerate(plan.block_tables):
+                h[i, 4 : 4 + len(row)] = row
+        t = bufs.host_t
+        ctx = bufs.ctx
+        bufs.ids[0].copy_(t[:, 0])
+        bufs.pos[0].copy_(t[:, 1])
+        ctx.slot_mapping.copy_(t[:, 2])
+        ctx.seq_lens.copy_(t[:, 3])
+        ctx.block_tables.copy_(t[:, 4:])
+        return n
+
+    def _run_bucket(self, b: int, plan: StepPlan | None | int) -> torch.Tensor:
+        bufs = self._buffers(b)
+        self._fill(bufs, plan if isinstance(plan, StepPlan) else None)
+        first = b not in self.compile_seconds
+        t0 = time.perf_counter()
+        with forward_context(bufs.ctx):
+            logits = self._fn(bufs.ids, bufs.pos)
+        if first:
+            self.compile_seconds[b] = time.perf_counter() - t0
+            _log.info("compiled the decode step for batch bucket %d in %.1f s", b,
+                      self.compile_seconds[b])
+        return logits
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run an accepted plan. Returns fp32 logits ``[B, vocab]`` in ``plan.sample_rows``
+        order (a decode plan samples every row, in batch order)."""
+        n = plan.num_seqs
+        logits = self._run_bucket(self.bucket_for(n), plan)
+        self.num_compiled_steps += 1
+        rows = plan.sample_rows
+        if rows != list(range(n)):
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        # A copy: the graph's output buffer is reused by the next step (CUDA graphs).
+        return logits[:n].to(torch.float32, copy=True)
+
+    @property
+    def warmup_seconds(self) -> float:
+        return float(sum(self.compile_seconds.values()))

@@ -1,0 +1,156 @@
+"""The compiled decode step (``EngineConfig(compile=...)``, ``wrap_model(compile=...)``): greedy
+output identical to the eager engine and to HF ``generate`` on tiny random models (padded
+buckets, sliding windows, soft-capping, quantized linears), eager fallback for prefills, and
+clear errors. Speed is measured by ``infopt bench``, not here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+import infopt
+from infopt.batching import CompileConfig, Engine, EngineConfig, SamplingParams
+
+VOCAB = 96
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=2,
+             bos_token_id=1)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def build(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **SMALL)).eval()
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(num_hidden_layers=2, sliding_window=7,
+                                                **SMALL)).eval()
+    if kind == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=2, head_dim=16, sliding_window=6,
+                                              attn_logit_softcapping=5.0, **SMALL)).eval()
+    if kind == "llama-int4":
+        cfg = LlamaConfig(num_hidden_layers=2, **{**SMALL, "hidden_size": 128,
+                                                   "intermediate_size": 256})
+        return infopt.wrap_model(LlamaForCausalLM(cfg).eval(), quant="int4")
+    raise ValueError(kind)
+
+
+def prompts(lengths=(3, 11, 27), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def run(model, config, ps, n=16):
+    engine = Engine(model, None, config)
+    outs = engine.generate(ps, SamplingParams(max_tokens=n, min_tokens=n, temperature=0),
+                           use_tqdm=False)
+    return engine, [list(o.token_ids) for o in outs]
+
+
+def test_compiled_decode_equals_eager_with_padded_buckets():
+    model = build("llama")
+    cfg = dict(block_size=4, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=64)
+    _, eager = run(model, EngineConfig(**cfg), prompts())
+    cc = CompileConfig(batch_buckets=(1, 2, 4))
+    engine, compiled = run(model, EngineConfig(**cfg, compile=cc), prompts())
+    assert compiled == eager
+    c = engine.runner.compiled
+    assert c.num_compiled_steps > 0  # the decodes ran compiled ...
+    assert c.num_eager_steps > 0  # ... the prefills eager
+    assert set(c.compile_seconds) <= {1, 2, 4} and 4 in c.compile_seconds  # 3 rows -> bucket 4
+    # The scratch block stays reserved; every request's blocks came back.
+    assert engine.runner.pool.allocator.num_free == 64 - 1
+    # A second batch of another composition reuses the graphs.
+    before = dict(c.compile_seconds)
+    _, again = (engine, [list(o.token_ids) for o in engine.generate(
+        prompts((5, 8)), SamplingParams(max_tokens=6, min_tokens=6, temperature=0),
+        use_tqdm=False)])  # fmt: skip
+    _, ref = run(model, EngineConfig(**cfg), prompts((5, 8)), n=6)
+    assert again == ref
+    assert set(c.compile_seconds) - set(before) <= {2}
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "llama-int4"])
+def test_compiled_decode_on_windowed_softcapped_and_quantized_models(kind):
+    model = build(kind)
+    cfg = dict(block_size=4, num_blocks=96, max_num_seqs=4)
+    _, eager = run(model, EngineConfig(**cfg), prompts((3, 9, 22)), n=20)
+    engine, compiled = run(model, EngineConfig(**cfg, compile=CompileConfig(batch_buckets=(4,))),
+                           prompts((3, 9, 22)), n=20)
+    assert compiled == eager
+    assert engine.runner.compiled.num_compiled_steps >= 19
+
+
+def test_batches_beyond_the_largest_bucket_run_eager():
+    model = build("llama")
+    cc = CompileConfig(batch_buckets=(1,), backend="eager")
+    engine, outs = run(model, EngineConfig(block_size=4, num_blocks=64, max_num_seqs=3,
+                                           compile=cc), prompts(), n=5)
+    _, ref = run(model, EngineConfig(block_size=4, num_blocks=64, max_num_seqs=3), prompts(), n=5)
+    assert outs == ref
+    c = engine.runner.compiled
+    assert c.buckets == (1,)
+    assert c.num_compiled_steps == 0 and c.num_eager_steps == engine.num_steps
+    # Buckets above max_num_seqs give way to a bucket of exactly max_num_seqs.
+    engine = Engine(model, None, EngineConfig(block_size=4, num_blocks=64, max_num_seqs=3,
+                                              compile=CompileConfig(batch_buckets=(1, 2, 4))))
+    assert engine.runner.compiled.buckets == (1, 2, 3)
+
+
+def hf_greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kv", [None, "paged-prefix"])
+def test_wrap_model_compile_generate_equals_hf(kv):
+    ref = build("llama")
+    model = infopt.wrap_model(build("llama"), kv=kv, compile=True)
+    engine = infopt.batching.model_engine(model)
+    assert engine.runner.compiled is not None
+    p = prompts((7,))[0]
+    out = model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12,
+                         do_sample=False)
+    assert out[0, len(p):].tolist() == hf_greedy(ref, p, 12)
+    assert engine.runner.compiled.num_compiled_steps >= 11
+    applied = [a["option"] for a in infopt.applied_configs(model)]
+    assert applied[-1] == "compile"
+
+
+def test_compile_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="backend"):
+        CompileConfig(backend="tvm")
+    with pytest.raises(ValueError, match="mode"):
+        CompileConfig(mode="fast")
+    with pytest.raises(ValueError, match="batch_buckets"):
+        CompileConfig(batch_buckets=(4, 2))
+    with pytest.raises(ValueError, match="batch_buckets"):
+        CompileConfig(batch_buckets=())
+    with pytest.raises(ValueError, match="dynamic"):
+        CompileConfig(dynamic="yes")
+    with pytest.raises(ValueError, match="compile"):
+        EngineConfig(compile="inductor")
+    with pytest.raises(ValueError, match="inductor"):
+        infopt.wrap_model(build("llama"), compile="turbo")
+    with pytest.raises(TypeError, match="compile="):
+        infopt.wrap_model(build("llama"), compile=1)
+    plain = build("llama")
+    assert infopt.wrap_model(plain, compile=False) is plain and not infopt.applied_configs(plain)
+    with pytest.raises(ValueError, match="num_blocks must be >= 2"):
+        Engine(build("llama"), None, EngineConfig(block_size=4, num_blocks=1,
+                                                   compile=CompileConfig()))
+    assert CompileConfig.from_dict(CompileConfig(batch_buckets=(1, 8)).to_dict()) == \
+        CompileConfig(batch_buckets=(1, 8))
