@@ -167,3 +167,18 @@ def test_compile_composes_with_prompt_lookup_speculation():
     out = model.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20,
                          do_sample=False)
     assert out[0, len(p):].tolist() == hf_greedy(ref, p, 20)
+
+
+def test_a_model_that_cannot_compile_says_why_and_runs_eager(caplog):
+    model = build("llama")
+    _, ref = run(model, EngineConfig(block_size=4, num_blocks=64, max_num_seqs=4), prompts(), n=6)
+    # A forward hook with a graph break: fullgraph tracing of the decode step fails.
+    model.model.layers[0].register_forward_hook(lambda *a: torch._dynamo.graph_break())
+    with caplog.at_level("WARNING", logger="infopt.batching.compiled"):
+        engine, outs = run(model, EngineConfig(block_size=4, num_blocks=64, max_num_seqs=4,
+                                               compile=CompileConfig(backend="eager")),
+                           prompts(), n=6)
+    assert outs == ref
+    c = engine.runner.compiled
+    assert c.disabled is not None and c.num_compiled_steps == 0
+    assert "could not be compiled" in caplog.text and "running eager" in caplog.text

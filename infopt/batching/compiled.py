@@ -40,7 +40,7 @@ from ..kvcache.forward import ForwardContext, forward_context
 from ..kvcache.pool import KVPool
 from .plan import StepPlan
 
-__all__ = ["CompileConfig", "CompiledDecode", "default_cache_dir"]
+__all__ = ["CompileConfig", "CompileFailed", "CompiledDecode", "default_cache_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class CompileConfig(InfoptConfig):
                              f"got {self.cache_dir!r}")
 
 
+class CompileFailed(RuntimeError):
+    """The decode step could not be compiled for this model (the reason is the message); the
+    engine runs eager from then on."""
+
+
 @dataclasses.dataclass
 class _Buffers:
     """One bucket's fixed-capacity plan tensors (on the model's device) and their host mirror.
@@ -156,6 +161,8 @@ class CompiledDecode:
         self.compile_seconds: dict[int, float] = {}
         self.num_compiled_steps = 0
         self.num_eager_steps = 0
+        #: why compiling failed (then every step runs eager); ``None`` while it works
+        self.disabled: str | None = None
         self._bufs: dict[int, _Buffers] = {}
         mode = config.mode
         if mode is None:
@@ -185,7 +192,8 @@ class CompiledDecode:
         """Whether ``plan`` is a decode-only step that fits a bucket."""
         n = plan.num_seqs
         return (
-            0 < n <= self.buckets[-1]
+            self.disabled is None
+            and 0 < n <= self.buckets[-1]
             and plan.num_tokens == n
             and not plan.block_copies
             and not plan.spec_drafts
@@ -256,7 +264,17 @@ class CompiledDecode:
         first = b not in self.compile_seconds
         t0 = time.perf_counter()
         with forward_context(bufs.ctx):
-            logits = self._fn(bufs.ids, bufs.pos)
+            if not first:
+                return self._fn(bufs.ids, bufs.pos)
+            try:
+                logits = self._fn(bufs.ids, bufs.pos)
+            except Exception as e:  # tracing / code generation failed: nothing ran yet
+                self.disabled = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                _log.warning(
+                    "compile=: the decode step of %s could not be compiled (%s); running eager",
+                    type(self.model).__name__, self.disabled,
+                )
+                raise CompileFailed(self.disabled) from e
         if first:
             self.compile_seconds[b] = time.perf_counter() - t0
             _log.info("compiled the decode step for batch bucket %d in %.1f s", b,

@@ -18,7 +18,7 @@ from ..kvcache.config import KVConfig
 from ..kvcache.forward import ForwardContext, PagedRows, forward_context
 from ..kvcache.hf import attention_shapes, switch_to_paged
 from ..kvcache.pool import KVPool
-from .compiled import CompiledDecode
+from .compiled import CompiledDecode, CompileFailed
 from .params import EngineConfig
 from .plan import StepPlan
 
@@ -182,7 +182,10 @@ class ModelRunner:
         """Run the plan's forward. Returns fp32 logits ``[len(plan.sample_rows), vocab]``."""
         if self.compiled is not None:
             if self.compiled.accepts(plan):
-                return self.compiled.execute(plan)
+                try:
+                    return self.compiled.execute(plan)
+                except CompileFailed:
+                    pass  # logged once; this and every later step run eager
             self.compiled.num_eager_steps += 1
         dev = self.device
         ids = torch.tensor(plan.token_ids, dtype=torch.long, device=dev)[None]
