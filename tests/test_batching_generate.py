@@ -144,9 +144,23 @@ def test_kv_and_prompt_lookup_compose_in_one_loop():
     assert engine.proposer is not None and engine.num_steps < 2 * 16  # drafts were accepted
 
 
-def test_kv_with_a_draft_model_proposer_is_refused_and_leaves_the_model_as_it_was():
+def test_kv_and_layer_skip_compose_in_one_loop():
+    ref, model = tiny(), tiny()
+    unit = torch.randint(1, VOCAB, (6,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.tensor([unit * 5, (unit[::-1] * 5)])
+    want = ref.generate(ids, max_new_tokens=16, do_sample=False)
+    infopt.wrap_model(model, kv="paged-prefix", spec="layer-skip")
+    got = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(got, want)
+    engine = model_engine(model)
+    assert engine.proposer.num_forwards > 0  # the layer-skip draft ran inside the engine
+
+
+def test_kv_with_a_draft_that_cannot_load_leaves_the_model_as_it_was(tmp_path):
+    from infopt.speculative.config import DraftModelConfig
+
     model = tiny()
     generate_before = model.generate
-    with pytest.raises(NotImplementedError, match="LayerSkipConfig"):
-        infopt.wrap_model(model, kv="paged", spec="layer-skip")
+    with pytest.raises(Exception, match="nope"):
+        infopt.wrap_model(model, kv="paged", spec=DraftModelConfig(str(tmp_path / "nope")))
     assert model.generate == generate_before and model_engine(model) is None

@@ -67,15 +67,19 @@ def test_drafts_with_preemption_and_tiny_pool_keep_greedy_output():
     assert spec.runner.pool.allocator.num_free == 14
 
 
-def test_speculative_sampling_is_exact_inside_a_batch():
-    """The marginal of the 2nd output token (verified against a lookup draft) over 3000 seeded
-    requests running together matches the target's exact distribution (chi-square)."""
+@pytest.mark.parametrize("source", ["prompt-lookup", "layer-skip"])
+def test_speculative_sampling_is_exact_inside_a_batch(source):
+    """The marginal of the 2nd output token (verified against lookup / layer-skip drafts) over
+    3000 seeded requests running together matches the target's exact distribution
+    (chi-square)."""
     model = tiny(seed=1)
     # Every token but 0 occurs in the prompt, so a 1-gram lookup drafts after almost any t0.
     prompt = torch.randperm(VOCAB - 1, generator=torch.Generator().manual_seed(2)).add(1).tolist()
     prompt = prompt * 2
     n = 3000
     spec = PromptLookupConfig(num_draft_tokens=4, max_ngram=3, min_ngram=1)
+    if source == "layer-skip":
+        spec = LayerSkipConfig(num_draft_tokens=2)
     engine = Engine(model, None, EngineConfig(
         num_blocks=3000, block_size=8, max_num_seqs=512, max_num_batched_tokens=4096,
         speculative=spec, spec_disable_batch_size=10**6))  # fmt: skip
@@ -130,8 +134,52 @@ def test_stop_inside_accepted_drafts_drops_the_rest():
     assert spec.runner.pool.allocator.num_free == 64
 
 
-def test_proposers_that_need_a_draft_cache_are_refused():
-    with pytest.raises(NotImplementedError, match="LayerSkipConfig"):
-        Engine(tiny(), None, EngineConfig(num_blocks=8, speculative=LayerSkipConfig()))
+def test_draft_model_proposer_keeps_greedy_output_and_frees_its_pool():
+    from infopt.batching.draft import DraftProposer
+
+    model = tiny()
+    prompts = [repetitive(n, p, s) for n, p, s in ((30, 5, 1), (17, 3, 2), (41, 7, 3))]
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    plain = Engine(model, None, EngineConfig(num_blocks=64, block_size=4)).generate(
+        prompts, sp, use_tqdm=False)
+    for draft, accepts_all in ((tiny(), True), (tiny(seed=7), False)):
+        engine = Engine(model, None, EngineConfig(num_blocks=64, block_size=4,
+                                                  max_num_batched_tokens=16))
+        engine.proposer = DraftProposer(draft, 4, None, block_size=4, max_num_seqs=4,
+                                        max_model_len=256)
+        outs = engine.generate(prompts, sp, use_tqdm=False)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+        drafted = sum(o.metrics.num_draft_tokens for o in outs)
+        accepted = sum(o.metrics.num_accepted_tokens for o in outs)
+        assert drafted > 0
+        if accepts_all:  # the same weights: every draft is the target's own choice
+            assert accepted == drafted
+        else:
+            assert accepted < drafted  # rejections rolled back both pools
+        assert engine.runner.pool.allocator.num_free == 64
+        engine.proposer.release(set())
+        pool = engine.proposer.runner.pool
+        assert pool.allocator.num_free == pool.num_blocks
+
+
+def test_layer_skip_proposer_in_the_engine_keeps_greedy_output():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, eos_token_id=None)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    prompts = [repetitive(n, p, s) for n, p, s in ((20, 4, 5), (26, 6, 6))]
+    sp = SamplingParams(max_tokens=20, temperature=0)
+    plain = Engine(model, None, EngineConfig(num_blocks=64, block_size=4)).generate(
+        prompts, sp, use_tqdm=False)
+    spec = Engine(model, None, EngineConfig(num_blocks=64, block_size=4,
+                                            speculative=LayerSkipConfig(num_draft_tokens=3)))
+    outs = spec.generate(prompts, sp, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert sum(o.metrics.num_draft_tokens for o in outs) > 0
+    assert spec.proposer.num_forwards > 0
+
+
+def test_bad_speculative_configs_are_refused():
     with pytest.raises(ValueError, match="EngineConfig.speculative"):
         EngineConfig(speculative="prompt-lookup")

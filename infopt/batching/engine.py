@@ -87,7 +87,9 @@ class Engine:
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
         self.scheduler = Scheduler(config, self.runner.pool.allocator, self.runner.windows)
-        self.proposer = build_proposer(config.speculative) if config.speculative else None
+        self.proposer = None
+        if config.speculative is not None:
+            self.proposer = build_proposer(config.speculative, model, config, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -294,13 +296,24 @@ class Engine:
         if self.proposer is None:
             return
         running = self.scheduler.running
+        release = getattr(self.proposer, "release", None)
+        if release is not None:  # draft pools: drop finished / aborted requests' sequences
+            release({r.request_id for r in running})
         if len(running) > self.config.spec_disable_batch_size:
             return
+        items = []
         for req in running:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue  # still prefilling
             room = min(req.sampling.max_tokens - len(req.output_token_ids),
                        self.max_model_len - req.num_tokens) - 1
+            items.append((req, room))
+        batch = getattr(self.proposer, "propose_batch", None)
+        if batch is not None:  # one batched draft forward per draft token
+            for (req, _), drafts in zip(items, batch(items)):
+                req.spec_token_ids = drafts
+            return
+        for req, room in items:
             req.spec_token_ids = self.proposer.propose(req, room)
 
     def _check_stop(self, req: Request, tok: int) -> None:

@@ -93,7 +93,7 @@ def enable_engine_generate(model: Any, config: KVConfig) -> Any:
     def attach_spec(spec: Any) -> None:
         # wrap_model(spec=...) after kv=: the proposer joins this engine (one generation loop)
         # instead of wrapping generate a second time.
-        engine.proposer = build_proposer(spec)  # NotImplementedError for draft-cache proposers
+        engine.proposer = build_proposer(spec, model, engine.config, engine.max_model_len)
         engine.config = dataclasses.replace(engine.config, speculative=spec)
 
     generate.infopt_native_min_new_tokens = True  # type: ignore[attr-defined]

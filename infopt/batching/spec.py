@@ -42,17 +42,26 @@ class PromptLookupProposer:
         return lookup_continuation(req.all_token_ids, k, self.max_ngram, self.min_ngram)
 
 
-def build_proposer(config: Any) -> PromptLookupProposer:
-    """A proposer for a ``wrap_model(spec=...)`` config. Prompt lookup runs in the engine;
-    draft-model and layer-skip drafting need a second KV cache and are refused here."""
-    from ..speculative.config import PromptLookupConfig
+def build_proposer(config: Any, target: Any = None, engine_config: Any = None,
+                   max_model_len: int | None = None) -> Any:
+    """A proposer for a ``wrap_model(spec=...)`` config: prompt lookup, or a draft model /
+    layer-skip draft with its own paged KV pool (:mod:`infopt.batching.draft`; these need the
+    target model, the engine's config and ``max_model_len``)."""
+    from ..speculative.config import DraftModelConfig, LayerSkipConfig, PromptLookupConfig
 
     if isinstance(config, PromptLookupConfig):
         return PromptLookupProposer(config.num_draft_tokens, config.max_ngram,
                                     config.min_ngram or 1)
-    raise NotImplementedError(
-        f"{type(config).__name__} does not run inside the batching engine yet (it needs a draft "
-        "KV cache); the engine runs PromptLookupConfig (spec='prompt-lookup')"
+    if isinstance(config, DraftModelConfig | LayerSkipConfig):
+        if target is None or engine_config is None or max_model_len is None:
+            raise ValueError(f"{type(config).__name__} needs the target model, the engine's "
+                             "config and max_model_len to build its draft pool")
+        from .draft import build_draft_proposer
+
+        return build_draft_proposer(config, target, engine_config, max_model_len)
+    raise TypeError(
+        f"the engine cannot speculate with {type(config).__name__}; accepted: "
+        "PromptLookupConfig, DraftModelConfig, LayerSkipConfig"
     )
 
 
