@@ -4,6 +4,8 @@
     infopt bench-serve [--num-requests N] [--request-rate R] [--rows engine,...] [--json PATH] ...
     infopt serve --model NAME [--port 8000] [--api-key KEY] ...   # OpenAI-compatible server
     infopt distill --teacher NAME --student NAME [--student-quant int4] --out DIR
+    infopt eval humaneval --model NAME [--quant Q] [--limit N] [--json PATH]   # pass@1
+    infopt eval domains --model NAME --quant Q[,Q]   # per-domain ppl / KL / top-1 vs fp32
     infopt models        # the model registry, and which models are cached locally
     infopt ops           # kernel backends available / in use
     infopt --version
@@ -65,6 +67,33 @@ def _config_list(s: str) -> list[str]:
             f"unknown config(s) {bad}; accepted: {', '.join(accepted)} (comma-separated)"
         )
     return names
+
+
+def _domain_list(s: str) -> list[str]:
+    from .eval.domains import DOMAINS
+
+    if s.strip().lower() == "none":
+        return []
+    names = [n.strip() for n in s.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DOMAINS]
+    if not names or unknown:
+        bad = ", ".join(repr(n) for n in unknown) or "none given"
+        raise argparse.ArgumentTypeError(
+            f"unknown domain(s) {bad}; accepted: {', '.join(DOMAINS)} or 'none'"
+        )
+    return names
+
+
+def _budget(s: str) -> float | None:
+    if s.strip().lower() == "none":
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'none', got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'none', got {s}")
+    return v
 
 
 def _row_list(s: str) -> list[str]:
@@ -153,11 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--threads", type=_int_at_least(1), metavar="N", help="torch threads (default: torch's)"
     )
+    b.add_argument(
+        "--domains", type=_domain_list, default=None, metavar="D[,D]",
+        help="evaluation domains scored for every row (prose,code,chat; 'none' skips them; "
+        "default: all)",
+    )  # fmt: skip
+    b.add_argument(
+        "--humaneval", type=_int_at_least(0), default=0, metavar="N",
+        help="add a HumanEval pass@1 column on the first N problems (164 = all; 0 = off)",
+    )  # fmt: skip
+    b.add_argument(
+        "--max-ppl-increase", type=_budget, default=_runner.DEFAULT_MAX_PPL_INCREASE,
+        metavar="PCT", help="quality gate: flag rows whose perplexity increase on any text "
+        f"exceeds PCT percent ('none' disables; default {_runner.DEFAULT_MAX_PPL_INCREASE})",
+    )  # fmt: skip
+    b.add_argument(
+        "--max-pass-drop", type=_budget, default=_runner.DEFAULT_MAX_PASS_DROP, metavar="PTS",
+        help="quality gate: flag rows whose HumanEval pass@1 is more than PTS points below "
+        f"the baseline's ('none' disables; default {_runner.DEFAULT_MAX_PASS_DROP})",
+    )  # fmt: skip
     b.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     b.set_defaults(func=_cmd_bench)
     _add_bench_serve_parser(sub)
     _add_tune_batch_parser(sub)
     _add_distill_parser(sub)
+    from .eval.cli import add_arguments as _add_eval_args
+
+    _add_eval_args(sub, _int_at_least)
 
     from .serve.cli import add_arguments as _add_serve_args
 
@@ -323,6 +374,10 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         eval_prompts=args.eval_prompts,
         threads=args.threads,
         progress=not args.quiet,
+        domains=args.domains,
+        humaneval=args.humaneval,
+        max_ppl_increase=args.max_ppl_increase,
+        max_pass_drop=args.max_pass_drop,
     )
     print(res.format_table())
     if args.json:

@@ -35,6 +35,26 @@ _COLUMNS: list[tuple[str, int, Any]] = [
     # compare() reports the greedy prefix match; "greedy_agreement" is the older contract name.
     ("greedy", 6, lambda r: _ev(r, ("greedy_prefix_match", "greedy_agreement"), ".3f")),
 ]
+# Shown only when some row has them (run_bench(humaneval=N), the quality gate).
+_PASS_COLUMN = ("pass@1", 6, lambda r: _pass_at_1(r))
+_GATE_COLUMN = ("gate", 4, lambda r: "" if r.gate is None else
+                ("ok" if r.gate["passed"] else "FAIL"))
+
+
+def _pass_at_1(r: ConfigResult) -> str:
+    h = r.humaneval or {}
+    if "error" in h:
+        return "err"
+    return _num(h.get("pass_at_1"), ".1f", 100.0)
+
+
+def _columns(rows: list[ConfigResult]) -> list[tuple[str, int, Any]]:
+    cols = list(_COLUMNS)
+    if any(r.humaneval for r in rows):
+        cols.append(_PASS_COLUMN)
+    if any(r.gate is not None for r in rows):
+        cols.append(_GATE_COLUMN)
+    return cols
 
 
 def _num(v: Any, fmt: str, scale: float = 1.0) -> str:
@@ -58,21 +78,67 @@ def _ev(r: ConfigResult, keys: str | tuple[str, ...], fmt: str, scale: float = 1
 def format_table(rows: list[ConfigResult]) -> str:
     """One fixed-width line per config, under a header and a rule."""
     # The name column is as wide as the longest config name, so long names keep the alignment.
-    widths = [w for _, w, _ in _COLUMNS]
+    columns = _columns(rows)
+    widths = [w for _, w, _ in columns]
     widths[0] = max([widths[0], *(len(r.name) for r in rows)])
     lines = []
-    for i, ((h, _, _), w) in enumerate(zip(_COLUMNS, widths)):
+    for i, ((h, _, _), w) in enumerate(zip(columns, widths)):
         lines.append(h.ljust(w) if i == 0 else h.rjust(w))
     out = ["  ".join(lines)]
     out.append("-" * len(out[0]))
     for r in rows:
-        cells = [f(r) for _, _, f in _COLUMNS]
+        cells = [f(r) for _, _, f in columns]
         out.append(
             "  ".join(
                 c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
             )
         )
     return "\n".join(out)
+
+
+def format_domains(rows: list[ConfigResult]) -> str:
+    """Per-domain quality: one line per config, ``dppl % / KL / top1`` for each domain, "" when
+    no row was scored on domains."""
+    names = list(dict.fromkeys(d for r in rows for d in (r.domains or {})))
+    if not names:
+        return ""
+    w0 = max([6, *(len(r.name) for r in rows)])
+    cell = 27
+    head = "config".ljust(w0) + "".join(f"  {n:>{cell}}" for n in names)
+    sub = " " * w0 + "".join(f"  {'dppl % / KL / top1':>{cell}}" for _ in names)
+    out = ["quality per domain (vs baseline; no averaging across domains):", head, sub,
+           "-" * len(head)]
+    for r in rows:
+        cells = []
+        for n in names:
+            d = (r.domains or {}).get(n)
+            if d is None:
+                cells.append("-")
+                continue
+            inc = _num(d.get("ppl_rel_increase"), "+.2f", 100.0)
+            kl, top1 = _num(d.get("kl_mean"), ".4f"), _num(d.get("top1_agreement"), ".3f")
+            cells.append(f"{inc} / {kl} / {top1}")
+        out.append(r.name.ljust(w0) + "".join(f"  {c:>{cell}}" for c in cells))
+    refs = []
+    for n in names:
+        ref = next((r.domains[n].get("ppl_ref") for r in rows if n in (r.domains or {})), None)
+        refs.append(f"{n} {_num(ref, '.3f')}")
+    out.append(f"baseline ppl: {'  '.join(refs)}")
+    return "\n".join(out)
+
+
+def format_gate(res: BenchResult) -> str:
+    """The quality gate's verdict: budgets and each flagged row's violations, "" if unset."""
+    gated = [r for r in res.rows if r.gate is not None]
+    if not gated:
+        return ""
+    s = res.settings
+    budgets = (f"ppl increase <= {s.get('max_ppl_increase')}% (every text), HumanEval pass@1 "
+               f"drop <= {s.get('max_pass_drop')} points")
+    failed = [r for r in gated if not r.gate["passed"]]
+    lines = [f"quality gate ({budgets}): {len(failed)} of {len(gated)} rows over budget"]
+    lines += [f"  FAIL {r.name}: {'; '.join(r.gate['violations'])}" for r in failed]
+    return "\n".join(lines)
 
 
 def format_header(res: BenchResult) -> str:
@@ -164,6 +230,10 @@ def _quality_hook_note(res: BenchResult) -> str:
 def format_report(res: BenchResult) -> str:
     """Header, table, notes and the kernel backend report, as printed by ``infopt bench``."""
     parts = [format_header(res), "", format_table(res.rows), "", format_notes(res)]
+    if dom := format_domains(res.rows):
+        parts += ["", dom]
+    if gate := format_gate(res):
+        parts += ["", gate]
     if note := _quality_hook_note(res):
         parts.append(note)
     if spec := format_spec(res.rows):

@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,10 @@ DEFAULT_REPEATS = 3
 DEFAULT_WARMUP = 1
 DEFAULT_EVAL_TOKENS = 1024
 DEFAULT_EVAL_PROMPTS = 8
+#: quality gate: rows whose perplexity increase (any domain, percent) or HumanEval pass@1 drop
+#: (percentage points) exceeds these budgets are flagged in the table and the JSON.
+DEFAULT_MAX_PPL_INCREASE = 5.0
+DEFAULT_MAX_PASS_DROP = 3.0
 
 
 @dataclasses.dataclass
@@ -70,6 +74,13 @@ class ConfigResult:
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)
     #: speculative rows: acceptance counters summed over the timed runs (SpecStats.to_dict)
     spec: dict[str, Any] | None = None
+    #: quality per evaluation domain: {domain: {ppl_ref, ppl_cand, ppl_rel_increase, kl_mean,
+    #: top1_agreement, n_tokens}}
+    domains: dict[str, dict[str, Any]] | None = None
+    #: HumanEval (run_bench(humaneval=N)): pass_at_1, n, passed, per-problem results
+    humaneval: dict[str, Any] | None = None
+    #: quality gate: {"passed": bool, "violations": [str, ...]} (None for the baseline)
+    gate: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -136,6 +147,11 @@ def run_bench(
     text: str | None = None,
     compare_fn: Callable[..., Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    domains: Sequence[str] | Mapping[str, str] | None = None,
+    humaneval: int = 0,
+    max_ppl_increase: float | None = DEFAULT_MAX_PPL_INCREASE,
+    max_pass_drop: float | None = DEFAULT_MAX_PASS_DROP,
+    humaneval_fn: Callable[..., Any] | None = None,
 ) -> BenchResult:
     """Benchmark ``configs`` of ``model`` (batch 1, greedy) against the fp32 baseline.
 
@@ -155,9 +171,19 @@ def run_bench(
         eval_tokens / eval_prompts: text tokens and greedy prompts for ``infopt.eval.compare``;
             ``eval_tokens=0`` skips quality evaluation.
         threads: ``torch.set_num_threads`` for the run (restored afterwards).
-        loader / text / compare_fn / clock: injection points for tests; default to
-            ``infopt.models.load_model``, ``infopt.eval.default_text()``, ``infopt.eval.compare``
-            and ``time.perf_counter``.
+        domains: evaluation domains scored for every row (``compare`` without generation on
+            each domain's first ``eval_tokens`` tokens): names from ``infopt.eval.DOMAINS``,
+            or ``{name: text}``. ``None``: all of ``DOMAINS``, unless ``text`` is given
+            (then none); ``()`` skips them.
+        humaneval: HumanEval problems (the first N; 164 = all) whose greedy pass@1 is
+            measured for every row, baseline included; 0 skips it.
+        max_ppl_increase / max_pass_drop: the quality gate: a row whose perplexity increase
+            (main text or any domain, percent) or pass@1 drop against the baseline
+            (percentage points) exceeds its budget is flagged; ``None`` disables a budget.
+        loader / text / compare_fn / clock / humaneval_fn: injection points for tests; default
+            to ``infopt.models.load_model``, ``infopt.eval.default_text()``,
+            ``infopt.eval.compare``, ``time.perf_counter`` and
+            ``infopt.eval.humaneval.evaluate_humaneval``.
     """
     cfgs = resolve_configs(configs)
     for arg, v, lo in (
@@ -167,6 +193,7 @@ def run_bench(
         ("warmup", warmup, 0),
         ("eval_tokens", eval_tokens, 0),
         ("eval_prompts", eval_prompts, 0),
+        ("humaneval", humaneval, 0),
     ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{arg} must be an integer >= {lo}, got {v!r}")
@@ -177,6 +204,15 @@ def run_bench(
         raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
     loader = loader or _default_loader
     log = _logger(progress)
+    if domains is None:
+        from infopt.eval.domains import DOMAINS
+
+        domains = () if text is not None else DOMAINS
+    domain_names = list(domains)
+    for name, budget in (("max_ppl_increase", max_ppl_increase),
+                         ("max_pass_drop", max_pass_drop)):
+        if budget is not None and not (isinstance(budget, (int, float)) and budget >= 0):
+            raise ValueError(f"{name} must be a number >= 0 or None, got {budget!r}")
 
     settings = {
         "prompt_tokens": prompt_tokens,
@@ -188,6 +224,10 @@ def run_bench(
         "eval_prompts": eval_prompts,
         "decoding": "greedy",
         "batch_size": 1,
+        "domains": domain_names,
+        "humaneval": humaneval,
+        "max_ppl_increase": max_ppl_increase,
+        "max_pass_drop": max_pass_drop,
     }
     machine = machine_info(dev)  # before the run: its load average says how quiet it was
     prev_threads = torch.get_num_threads()
@@ -195,11 +235,15 @@ def run_bench(
         torch.set_num_threads(threads)
     t_start = clock()
     try:
-        rows, backend = _run_all(model, cfgs, dev, loader, text, compare_fn, log, clock, settings)
+        extra = {"domains": domains, "humaneval_fn": humaneval_fn}
+        rows, backend = _run_all(
+            model, cfgs, dev, loader, text, compare_fn, log, clock, settings, extra
+        )
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(prev_threads)
     _fill_ratios(rows)
+    apply_quality_gate(rows, max_ppl_increase, max_pass_drop)
     return BenchResult(
         model=model,
         device=str(dev),
@@ -216,7 +260,7 @@ def run_bench(
     )
 
 
-def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settings):
+def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settings, extra):
     prompt_tokens, new_tokens = settings["prompt_tokens"], settings["new_tokens"]
     repeats, warmup = settings["repeats"], settings["warmup"]
     eval_tokens, eval_prompts = settings["eval_tokens"], settings["eval_prompts"]
@@ -271,8 +315,17 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
             )
             if cfg.quality is not None:
                 log(f"{cfg.name}: quality hook {getattr(cfg.quality, '__name__', '')}")
-                extra = cfg.quality(baseline_model, m, tokenizer, text, eval_tokens)
-                row.eval.update({k: _as_py(v) for k, v in extra.items()})
+                hooked = cfg.quality(baseline_model, m, tokenizer, text, eval_tokens)
+                row.eval.update({k: _as_py(v) for k, v in hooked.items()})
+            if settings["domains"]:
+                log(f"{cfg.name}: quality on domains {', '.join(settings['domains'])}")
+                row.domains = _evaluate_domains(
+                    cfg, compare_fn, baseline_model, m, tokenizer, extra["domains"], eval_tokens
+                )
+        if settings["humaneval"]:
+            log(f"{cfg.name}: HumanEval pass@1 on {settings['humaneval']} problems")
+            row.humaneval = _run_humaneval(extra["humaneval_fn"], m, tokenizer,
+                                           settings["humaneval"])
         rows.append(row)
         log(
             f"{cfg.name}: TTFT {row.ttft_ms['median']:.1f} ms, "
@@ -284,6 +337,9 @@ def _run_all(model_name, cfgs, dev, loader, text, compare_fn, log, clock, settin
         _fill_baseline_eval(
             rows, baseline_model, tokenizer, text, eval_tokens, eval_prompts, compare_fn, log
         )
+        if settings["domains"]:
+            _fill_baseline_domains(rows, baseline_model, tokenizer, extra["domains"],
+                                   eval_tokens, compare_fn)
     backend = _backend_report()
     del baseline_model
     gc.collect()
@@ -307,6 +363,83 @@ def _evaluate(compare_fn, ref, cand, tok, text, eval_tokens, eval_prompts) -> di
     d = {k: _as_py(v) for k, v in d.items()}
     d["source"] = "compare"
     return d
+
+
+def _domain_texts(domains: Sequence[str] | Mapping[str, str], tok: Any) -> dict[str, str]:
+    if isinstance(domains, Mapping):
+        return dict(domains)
+    from infopt.eval.domains import domain_text
+
+    return {d: domain_text(d, tok) for d in domains}
+
+
+def _evaluate_domains(cfg, compare_fn, ref, cand, tok, domains, eval_tokens):
+    """Per-domain perplexity / KL / top-1 (no generation); a row's ``quality`` hook (KV cache
+    rows) scores each domain instead of ``compare``, as it does the main text."""
+    compare_fn = compare_fn or _default_compare
+    keys = ("ppl_ref", "ppl_cand", "ppl_rel_increase", "kl_mean", "top1_agreement", "n_tokens")
+    out = {}
+    for name, dtext in _domain_texts(domains, tok).items():
+        res = compare_fn(ref, cand, tok, texts=[dtext], prompts=[], max_tokens=eval_tokens,
+                         n_prompts=1)
+        d = res.to_dict() if hasattr(res, "to_dict") else dict(vars(res))
+        if cfg.quality is not None:
+            d.update(cfg.quality(ref, cand, tok, dtext, eval_tokens))
+        out[name] = {k: _as_py(d.get(k)) for k in keys}
+    return out
+
+
+def _fill_baseline_domains(rows, baseline_model, tok, domains, eval_tokens, compare_fn):
+    """The baseline's domain figures: the identity, its ppl from another row's ``ppl_ref``."""
+    other = next((r.domains for r in rows[1:] if r.domains), None)
+    if other is None:
+        itself = BenchConfig(BASELINE, "the baseline compared with itself")
+        rows[0].domains = _evaluate_domains(itself, compare_fn, baseline_model, baseline_model,
+                                            tok, domains, eval_tokens)
+        return
+    rows[0].domains = {
+        name: {"ppl_ref": d["ppl_ref"], "ppl_cand": d["ppl_ref"], "ppl_rel_increase": 0.0,
+               "kl_mean": 0.0, "top1_agreement": 1.0, "n_tokens": d["n_tokens"]}
+        for name, d in other.items()
+    }
+
+
+def _run_humaneval(fn, model, tok, n):
+    """HumanEval on the first ``n`` problems as a dict; an error is recorded, not raised (a
+    peer row that the batching engine cannot run keeps its other figures)."""
+    if fn is None:
+        from infopt.eval.humaneval import evaluate_humaneval as fn
+    try:
+        res = fn(model, tok, limit=n)
+    except Exception as e:  # noqa: BLE001 - recorded in the row, the run goes on
+        return {"error": f"{type(e).__name__}: {e}"}
+    return res.to_dict() if hasattr(res, "to_dict") else dict(res)
+
+
+def apply_quality_gate(
+    rows: Sequence[ConfigResult], max_ppl_increase: float | None, max_pass_drop: float | None
+) -> None:
+    """Set each non-baseline row's ``gate``: the budgets its quality figures exceed.
+
+    Perplexity: the main text's and every domain's increase, in percent, against
+    ``max_ppl_increase``; HumanEval: the baseline's pass@1 minus the row's, in percentage
+    points, against ``max_pass_drop``. A row without figures passes (nothing measured).
+    """
+    base_pass = (rows[0].humaneval or {}).get("pass_at_1") if rows else None
+    for r in rows[1:]:
+        bad = []
+        if max_ppl_increase is not None:
+            incs = {"text": (r.eval or {}).get("ppl_rel_increase")}
+            incs.update({d: v.get("ppl_rel_increase") for d, v in (r.domains or {}).items()})
+            for where, inc in incs.items():
+                if inc is not None and math.isfinite(inc) and 100 * inc > max_ppl_increase:
+                    bad.append(f"ppl {where} {100 * inc:+.2f}% > {max_ppl_increase:g}%")
+        row_pass = (r.humaneval or {}).get("pass_at_1")
+        if max_pass_drop is not None and base_pass is not None and row_pass is not None:
+            drop = 100 * (base_pass - row_pass)
+            if drop > max_pass_drop:
+                bad.append(f"pass@1 -{drop:.1f} pts > {max_pass_drop:g}")
+        r.gate = {"passed": not bad, "violations": bad}
 
 
 def _fill_baseline_eval(

@@ -13,32 +13,52 @@ Two named sources, both real English and both pinned so numbers are comparable a
 * ``"pydoc"``: documentation prose extracted from CPython's ``pydoc_data/topics.py``
   (always present, no network). The exact text depends on the Python minor version, so
   compare pydoc numbers only between runs on the same Python.
+
+The evaluation domains (``"prose"``, ``"code"``, ``"chat"``: :func:`domain_text`) live here
+too, with the 64-character overlap check the calibration mix (:mod:`infopt.quant.calib_data`)
+uses to stay disjoint from them; :mod:`infopt.eval.domains` measures quality on them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "CHAT_EVAL_CHARS",
+    "CHAT_EVAL_RECORDS",
     "CODE_PROMPTS",
+    "DOMAINS",
+    "EVAL_CODE_FILES",
     "DEFAULT_TEXT",
     "GROUNDED_PROMPTS",
     "LEE_SHA256",
     "TEXT_NAMES",
     "cache_dir",
+    "chat_conversations",
+    "code_text",
     "default_text",
+    "domain_documents",
+    "domain_text",
+    "eval_window_hashes",
     "eval_prompts",
     "fetch_lee",
     "get_text",
     "lee_articles",
     "pydoc_paragraphs",
+    "render_conversation",
+    "shares_window",
+    "window_hashes",
 ]
 
 TEXT_NAMES = ("lee", "pydoc")
@@ -322,3 +342,162 @@ GROUNDED_PROMPTS: tuple[str, ...] = (
     "# Original:\n" + _REPORT + "\n\n# The same function using logging.info instead of print:\n"
     "import logging\n\n\n",
 )
+
+
+# --- evaluation domains: prose, code, chat (see infopt.eval.domains and docs/eval.md) ---------
+
+DOMAINS = ("prose", "code", "chat")
+
+#: standard-library files of the code domain (evaluation); calibration uses others.
+EVAL_CODE_FILES = ("textwrap.py", "fractions.py", "heapq.py", "shlex.py", "calendar.py",
+                   "graphlib.py")
+#: ShareGPT records (file order) the chat domain draws from; calibration starts at 8000.
+CHAT_EVAL_RECORDS = (0, 4000)
+#: characters of message text in the chat domain (~15k tokens, enough for 8192-token evals).
+CHAT_EVAL_CHARS = 60_000
+#: a conversation qualifies when all its messages together are at most this long...
+CHAT_MAX_CHARS = 8000
+#: ... and at least this share of its characters is ASCII (English-model evaluation).
+CHAT_MIN_ASCII = 0.97
+#: width of the windows checked by :func:`shares_window` (whitespace-normalised characters).
+OVERLAP_WINDOW = 64
+
+Conversation = tuple[tuple[str, str], ...]  # ((role, text), ...), role "user" / "assistant"
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def code_text(files: Sequence[str]) -> str:
+    """The standard-library ``files`` (relative to the stdlib directory), joined by blank lines."""
+    root = _stdlib_dir()
+    return "\n\n\n".join((root / f).read_text(encoding="utf-8") for f in files)
+
+
+def _ascii_share(text: str) -> float:
+    return sum(c.isascii() for c in text) / max(len(text), 1)
+
+
+def _as_conversation(record: Any) -> Conversation | None:
+    conv = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(conv, list) or len(conv) < 2:
+        return None
+    roles = {"human": "user", "gpt": "assistant"}
+    out = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            return None
+        role, text = roles.get(turn.get("from")), turn.get("value")
+        if role is None or not isinstance(text, str) or not text.strip():
+            return None
+        if role != ("user" if i % 2 == 0 else "assistant"):  # strictly alternating, user first
+            return None
+        out.append((role, text.strip()))
+    if out[-1][0] != "assistant":
+        out.pop()
+    total = "".join(t for _, t in out)
+    if len(out) < 2 or len(total) > CHAT_MAX_CHARS or _ascii_share(total) < CHAT_MIN_ASCII:
+        return None
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _sharegpt_records() -> tuple[Any, ...]:
+    # The reader lives with the serving workload (a JSON stream reader and the wheel fetch;
+    # it imports only infopt.models), imported here so that loading texts stays cheap.
+    from infopt.batching.workload import load_sharegpt
+
+    return tuple(load_sharegpt())
+
+
+def chat_conversations(start: int, stop: int | None, max_chars: int) -> list[Conversation]:
+    """Qualifying ShareGPT conversations of records ``[start, stop)`` in file order, until
+    their messages total ``max_chars`` characters (English, alternating user / assistant,
+    at most :data:`CHAT_MAX_CHARS` characters each)."""
+    out, total = [], 0
+    for rec in _sharegpt_records()[start:stop]:
+        conv = _as_conversation(rec)
+        if conv is None:
+            continue
+        out.append(conv)
+        total += sum(len(t) for _, t in conv)
+        if total >= max_chars:
+            break
+    return out
+
+
+def render_conversation(tokenizer: Any, conv: Conversation) -> str:
+    """``conv`` through ``tokenizer``'s chat template; ``User:`` / ``Assistant:`` lines when
+    the tokenizer has none (or ``tokenizer`` is None)."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) and hasattr(
+        tokenizer, "apply_chat_template"
+    ):
+        msgs = [{"role": r, "content": t} for r, t in conv]
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+    names = {"user": "User", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[r]}: {t}" for r, t in conv) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def _prose_docs() -> tuple[str, ...]:
+    arts = lee_articles()
+    return tuple(arts[: len(arts) // 2])
+
+
+@functools.lru_cache(maxsize=1)
+def _chat_eval() -> tuple[Conversation, ...]:
+    return tuple(chat_conversations(*CHAT_EVAL_RECORDS, CHAT_EVAL_CHARS))
+
+
+def domain_documents(name: str) -> list[str]:
+    """The raw documents of domain ``name`` (no chat template): what the overlap check reads."""
+    if name == "prose":
+        return list(_prose_docs())
+    if name == "code":
+        return [code_text(EVAL_CODE_FILES)]
+    if name == "chat":
+        return [t for conv in _chat_eval() for _, t in conv]
+    raise ValueError(f"unknown domain {name!r}; available: {list(DOMAINS)}")
+
+
+def domain_text(name: str, tokenizer: Any = None) -> str:
+    """The evaluation text of domain ``name`` (``"prose"``, ``"code"`` or ``"chat"``).
+
+    ``tokenizer`` matters only for ``"chat"``: conversations go through its chat template,
+    each rendered on its own and concatenated.
+    """
+    if name == "prose":
+        return "\n".join(_prose_docs())
+    if name == "code":
+        return code_text(EVAL_CODE_FILES)
+    if name == "chat":
+        return "".join(render_conversation(tokenizer, c) for c in _chat_eval())
+    raise ValueError(f"unknown domain {name!r}; available: {list(DOMAINS)}")
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def window_hashes(texts: Iterable[str], width: int = OVERLAP_WINDOW) -> set[int]:
+    """Hashes of every ``width``-character window of the whitespace-normalised ``texts``."""
+    out: set[int] = set()
+    for t in texts:
+        t = _normalise(t)
+        out.update(hash(t[i : i + width]) for i in range(len(t) - width + 1))
+    return out
+
+
+def shares_window(text: str, hashes: set[int], width: int = OVERLAP_WINDOW) -> bool:
+    """Whether whitespace-normalised ``text`` has a ``width``-character window in ``hashes``
+    (from :func:`window_hashes`). A hash collision can only make this True wrongly, which
+    drops a calibration piece it did not have to: never an overlap let through."""
+    t = _normalise(text)
+    return any(hash(t[i : i + width]) in hashes for i in range(len(t) - width + 1))
+
+
+@functools.lru_cache(maxsize=1)
+def eval_window_hashes() -> frozenset[int]:
+    """:func:`window_hashes` of the documents of every evaluation domain (cached)."""
+    return frozenset(window_hashes(d for name in DOMAINS for d in domain_documents(name)))

@@ -14,9 +14,11 @@ use one of its subclasses. Fields common to all:
   higher-precision output tensor in its 4-bit formats. On large-vocabulary models the head is
   a big share of the bytes read per token (Qwen2.5-1.5B: 0.93 GB of 7.1 GB in fp32).
 * ``calib_samples`` x ``calib_seq_len`` tokens of ``calib_text`` sampled with ``seed``; only
-  used by calibrated methods (AWQ, GPTQ, W8A8). ``"lee"`` (default) is the second half of the
-  Lee news corpus, disjoint from the evaluation text (the corpus' first few thousand
-  tokens); ``"pydoc"`` is CPython documentation prose (offline, but another domain).
+  used by calibrated methods (AWQ, GPTQ, W8A8). ``"mix"`` (default) is chat (ShareGPT through
+  the chat template), code and prose in equal parts, disjoint from every evaluation text
+  (:mod:`infopt.quant.calib_data`); ``"chat"``, ``"code"``, ``"news"`` / ``"lee"`` (the
+  second half of the Lee news corpus), ``"docs"`` / ``"pydoc"`` (CPython documentation
+  prose, offline) are single sources.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from ..config import InfoptConfig, register_config
 from .awq import AWQ_DAMP
+from .calib_data import CALIB_SOURCES
 from .formats import GROUP_SIZES
 
 __all__ = [
@@ -41,7 +44,7 @@ __all__ = [
 INT4_METHODS = ("rtn", "awq", "gptq")
 #: ``Int4WeightOnlyConfig.act_dtype`` values: weight-only, or int8 activations per 32-block.
 INT4_ACT_DTYPES = (None, "int8")
-CALIB_TEXTS = ("lee", "pydoc")
+CALIB_TEXTS = CALIB_SOURCES
 LM_HEAD_FORMATS = (None, "int8")
 
 
@@ -78,7 +81,7 @@ class QuantConfig(InfoptConfig):
     # weight of the attention-sink token.
     calib_samples: int = 32
     calib_seq_len: int = 512
-    calib_text: str = "lee"
+    calib_text: str = "mix"
     seed: int = 0
     lm_head: str | None = None
 

@@ -7,6 +7,7 @@ the config on the model for :func:`~infopt.quant.save_quantized`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,12 @@ from ..options import (
     technique_state,
 )
 from .blockwise import BlockFn, run_sequential
-from .calib_data import calibration_ids, check_calibration_source, resolve_tokenizer
+from .calib_data import (
+    calibration_ids,
+    calibration_ids_from,
+    check_calibration_source,
+    resolve_tokenizer,
+)
 from .config import QuantConfig
 from .hugepages import hugepage_copy
 from .qlinear import Int8Linear, QuantizedLinear
@@ -191,6 +197,7 @@ def quantize_model(
     *,
     calib_input_ids: torch.Tensor | None = None,
     tokenizer: Any = None,
+    calib_data: Any = None,
     progress: bool | None = None,
     check_finite: bool = True,
 ) -> nn.Module:
@@ -205,6 +212,9 @@ def quantize_model(
             ``config.calib_text`` tokenized with ``tokenizer``.
         tokenizer: used only to build the default calibration ids; default: the tokenizer
             saved in the model's local ``config.name_or_path`` directory.
+        calib_data: your own calibration data instead of ``config.calib_text``: a text, a
+            list of texts, a file path (``pathlib.Path``) or token ids (1-D: windows are cut
+            from it; 2-D: the windows), see :func:`infopt.quant.calib_data.calibration_ids_from`.
         progress: show a tqdm bar over blocks for calibrated methods; ``None`` (default)
             follows :func:`infopt.set_progress` (on unless switched off).
         check_finite: refuse (``ValueError`` naming the module) to quantize a linear whose
@@ -217,6 +227,15 @@ def quantize_model(
 
     rest = targets
     if config.calibrated:
+        if calib_input_ids is None and calib_data is not None:
+            is_text = isinstance(calib_data, (str, os.PathLike)) or (
+                isinstance(calib_data, (list, tuple)) and bool(calib_data)
+                and isinstance(calib_data[0], str)
+            )
+            tok = resolve_tokenizer(model, tokenizer) if is_text else tokenizer
+            calib_input_ids = calibration_ids_from(
+                calib_data, tok, config.calib_samples, config.calib_seq_len, config.seed
+            )
         if calib_input_ids is None:
             tok = resolve_tokenizer(model, tokenizer)
             calib_input_ids = calibration_ids(
