@@ -48,6 +48,13 @@ def command(d: dict[str, Any]) -> str:
     for key in ("new_tokens", "repeats", "warmup", "eval_tokens", "eval_prompts"):
         if key in s:
             cmd.append(f"--{key.replace('_', '-')} {s[key]}")
+    if "domains" in s:
+        cmd.append(f"--domains {','.join(s['domains']) or 'none'}")
+    if s.get("humaneval"):
+        cmd.append(f"--humaneval {s['humaneval']}")
+    for key in ("max_ppl_increase", "max_pass_drop"):
+        if key in s:
+            cmd.append(f"--{key.replace('_', '-')} {'none' if s[key] is None else s[key]}")
     if d.get("threads"):
         cmd.append(f"--threads {d['threads']}")
     return " ".join(cmd)
@@ -100,6 +107,41 @@ COLUMNS = ("config", "dtype", "model MB (x)", "TTFT ms (x)", "decode tok/s (x)",
            "ppl", "d ppl", "KL", "top-1", "greedy")
 
 
+def quality_table(d: dict[str, Any]) -> list[str]:
+    """Per-domain d ppl / KL / top-1, HumanEval pass@1 and the quality gate, one row per
+    config; empty when the run measured none of them."""
+    rows = d["rows"]
+    names = list(dict.fromkeys(n for r in rows for n in (r.get("domains") or {})))
+    has_pass = any(r.get("humaneval") for r in rows)
+    has_gate = any(r.get("gate") is not None for r in rows)
+    if not (names or has_pass or has_gate):
+        return []
+    cols = ["config", *(f"{n}: d ppl / KL / top-1" for n in names)]
+    cols += ["HumanEval pass@1"] * has_pass + ["gate"] * has_gate
+    out = ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"`{r['config']['name']}`"]
+        for n in names:
+            q = (r.get("domains") or {}).get(n) or {}
+            rel = q.get("ppl_rel_increase")
+            kl, top1 = _num(q.get("kl_mean"), ".4f"), _num(q.get("top1_agreement"), ".3f")
+            cells.append("" if rel is None else f"{100 * rel:+.2f} % / {kl} / {top1}")
+        if has_pass:
+            h = r.get("humaneval") or {}
+            cells.append("error" if "error" in h else "" if h.get("pass_at_1") is None
+                         else f"{100 * h['pass_at_1']:.1f} % ({h.get('passed')}/{h.get('n')})")
+        if has_gate:
+            g = r.get("gate")
+            cells.append("" if g is None else "ok" if g["passed"]
+                         else "**FAIL**: " + "; ".join(g["violations"]))
+        out.append("| " + " | ".join(cells) + " |")
+    refs = [f"{n} {rows[0]['domains'][n]['ppl_ref']:.3f}" for n in names
+            if n in (rows[0].get("domains") or {})]
+    if refs:
+        out += ["", f"Baseline perplexity per domain: {', '.join(refs)}."]
+    return out
+
+
 def render(d: dict[str, Any], title: str | None = None) -> str:
     """Markdown for one bench JSON: heading, header line, table."""
     title = title or f"{d['model']}: {', '.join(r['config']['name'] for r in d['rows'])}"
@@ -107,6 +149,7 @@ def render(d: dict[str, Any], title: str | None = None) -> str:
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     lines.extend(row_line(r) for r in d["rows"])
+    lines.extend(quality_table(d))
     lines.append("")
     lines.append(f"(x): ratio to `{d.get('baseline', 'baseline')}` of the same run "
                  "(speedup for TTFT and decode, size ratio for MB).")

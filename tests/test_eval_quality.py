@@ -214,6 +214,16 @@ def _offline_compare(*args, **kwargs):
     return compare(*args, **kwargs)
 
 
+def _results_table():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "results_table.py"
+    spec = importlib.util.spec_from_file_location("results_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_bench_domains_humaneval_and_gate(tmp_path):
     from infopt.bench import run_bench
 
@@ -240,6 +250,9 @@ def test_bench_domains_humaneval_and_gate(tmp_path):
     assert d["rows"][1]["gate"]["passed"] is False
     assert d["rows"][0]["humaneval"]["pass_at_1"] == 0.5
     assert d["settings"]["domains"] == ["d1", "d2"] and d["settings"]["max_pass_drop"] == 10.0
+    md = _results_table().render(d)  # the docs/results.md table keeps the same figures
+    assert "d1: d ppl / KL / top-1" in md and "**FAIL**" in md and "50.0 % (2/4)" in md
+    assert "--humaneval 4" in md and "--max-ppl-increase 0.0" in md
 
     # budgets off: nothing flagged; an injected text alone means no domains
     res = run_bench(

@@ -1,9 +1,11 @@
 """``infopt bench --plot PATH``: decode speed against quality loss, one point per row.
 
-x: perplexity increase over the baseline (``ppl_rel_increase``, in %; 0 for the baseline and
-for exact rows); y: decode tokens/s (median of the timed runs). Up and to the left is better:
-a row above the baseline's dashed line is faster, one right of it costs quality. Rows without
-quality figures (``--eval-tokens 0``) are drawn at x = 0 and say so in their label.
+x: perplexity increase over the baseline (``ppl_rel_increase``, in %, the worst of the main
+text and the evaluation domains; 0 for the baseline and for exact rows); y: decode tokens/s
+(median of the timed runs). Up and to the left is better: a row above the baseline's dashed
+line is faster, one right of it costs quality. Rows without quality figures
+(``--eval-tokens 0``) are drawn at x = 0 and say so in their label; rows over the quality
+gate's budget say so too.
 
 matplotlib is an optional dependency (``pip install matplotlib``, or ``infopt[dev]``).
 """
@@ -32,8 +34,11 @@ def _points(res: Any) -> list[tuple[str, float, float, bool]]:
     out = []
     for r in res.rows:
         ev = r.eval or {}
-        rel = ev.get("ppl_rel_increase")
-        has_quality = isinstance(rel, int | float)
+        rels = [ev.get("ppl_rel_increase"),
+                *((d or {}).get("ppl_rel_increase") for d in (r.domains or {}).values())]
+        rels = [v for v in rels if isinstance(v, int | float)]
+        rel = max(rels) if rels else None
+        has_quality = rel is not None
         out.append((r.name, 100.0 * rel if has_quality else 0.0, r.decode_tok_s["median"],
                     has_quality))
     return out
@@ -61,8 +66,11 @@ def plot_speed_quality(res: Any, path: str | os.PathLike[str]) -> str:
             ax.scatter([x], [y], s=60 if is_base else 45, zorder=3,
                        marker="s" if is_base else "o", color="0.3" if is_base else None)
             label = name if has_quality or is_base else f"{name} (no quality run)"
+            row = next(r for r in res.rows if r.name == name)
+            if row.gate is not None and not row.gate["passed"]:
+                label += " (over quality budget)"
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
-        ax.set_xlabel(f"perplexity increase vs {res.baseline} (%)")
+        ax.set_xlabel(f"perplexity increase vs {res.baseline} (%, worst text or domain)")
         ax.set_ylabel("decode tokens/s (median, batch 1, greedy)")
         ax.set_title(f"infopt bench: {res.model} on {res.device} ({res.threads} threads)",
                      fontsize=10)
