@@ -402,21 +402,19 @@ def _as_conversation(record: Any) -> Conversation | None:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=1)
-def _sharegpt_records() -> tuple[Any, ...]:
+@functools.lru_cache(maxsize=4)
+def chat_conversations(start: int, stop: int | None, max_chars: int) -> tuple[Conversation, ...]:
+    """Qualifying ShareGPT conversations of records ``[start, stop)`` in file order, until
+    their messages total ``max_chars`` characters (English, alternating user / assistant,
+    at most :data:`CHAT_MAX_CHARS` characters each). Cached; the ~17.6k records themselves
+    are not kept (a few hundred MB as Python objects)."""
     # The reader lives with the serving workload (a JSON stream reader and the wheel fetch;
     # it imports only infopt.models), imported here so that loading texts stays cheap.
     from infopt.batching.workload import load_sharegpt
 
-    return tuple(load_sharegpt())
-
-
-def chat_conversations(start: int, stop: int | None, max_chars: int) -> list[Conversation]:
-    """Qualifying ShareGPT conversations of records ``[start, stop)`` in file order, until
-    their messages total ``max_chars`` characters (English, alternating user / assistant,
-    at most :data:`CHAT_MAX_CHARS` characters each)."""
-    out, total = [], 0
-    for rec in _sharegpt_records()[start:stop]:
+    out: list[Conversation] = []
+    total = 0
+    for rec in load_sharegpt()[start:stop]:
         conv = _as_conversation(rec)
         if conv is None:
             continue
@@ -424,7 +422,7 @@ def chat_conversations(start: int, stop: int | None, max_chars: int) -> list[Con
         total += sum(len(t) for _, t in conv)
         if total >= max_chars:
             break
-    return out
+    return tuple(out)
 
 
 def render_conversation(tokenizer: Any, conv: Conversation) -> str:
@@ -445,9 +443,8 @@ def _prose_docs() -> tuple[str, ...]:
     return tuple(arts[: len(arts) // 2])
 
 
-@functools.lru_cache(maxsize=1)
 def _chat_eval() -> tuple[Conversation, ...]:
-    return tuple(chat_conversations(*CHAT_EVAL_RECORDS, CHAT_EVAL_CHARS))
+    return chat_conversations(*CHAT_EVAL_RECORDS, CHAT_EVAL_CHARS)
 
 
 def domain_documents(name: str) -> list[str]:
