@@ -167,6 +167,7 @@ def _builtin_rows() -> list[BenchConfig]:
     The configs are imported here, on first use, so ``import infopt.bench`` stays cheap."""
     from ..quant.config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     from ..speculative.config import DraftModelConfig
+    from .stack import compound_config
 
     def quant(name: str, desc: str, option: Any) -> BenchConfig:
         return BenchConfig(name, "quant: " + desc, wrap_options={"quant": option})
@@ -228,12 +229,15 @@ def _builtin_rows() -> list[BenchConfig]:
         BenchConfig("hf-prompt-lookup", "peer: HF prompt-lookup decoding (10 tokens)",
                     apply=_hf_prompt_lookup),
     ]  # fmt: skip
-    rows += [
-        BenchConfig("compile", "compiled decode step on the engine (fp32; torch.compile)",
-                    wrap_options={"compile": True}),
-        BenchConfig("int4-compile", "int4 (lm_head int8) + compiled decode step on the engine",
-                    wrap_options={"quant": "int4", "compile": True}),
-    ]
+    rows.append(BenchConfig("compile", "compiled decode step on the engine (torch.compile)",
+                            wrap_options={"compile": True}))
+    # Compound rows (parts joined by "+"): every part's options in one wrap_model; the report's
+    # stack table compares them with the product of the parts' speedups.
+    by_name = {r.name: r for r in rows}
+    for combo in (("int4", "compile"), ("int4", "paged-prefix", "spec-prompt-lookup"),
+                  ("int4", "paged-prefix", "spec-prompt-lookup", "compile"),
+                  ("int4", "paged-prefix", "spec-layer-skip")):
+        rows.append(compound_config([by_name[n] for n in combo]))
     # Peer rows, only offered where the peer is installed (find_spec does not import it).
     if importlib.util.find_spec("llama_cpp") is not None:
         from .peers import llama_cpp_row
