@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .stack import format_stack
+
 if TYPE_CHECKING:
     from .runner import BenchResult, ConfigResult
 
@@ -238,6 +240,8 @@ def format_report(res: BenchResult) -> str:
         parts.append(note)
     if spec := format_spec(res.rows):
         parts += ["", spec]
+    if stack := format_stack(res.rows):
+        parts += ["", stack]
     if res.backend_report_text:
         parts += ["", res.backend_report_text.rstrip()]
     return "\n".join(parts)
