@@ -182,3 +182,18 @@ def test_a_model_that_cannot_compile_says_why_and_runs_eager(caplog):
     c = engine.runner.compiled
     assert c.disabled is not None and c.num_compiled_steps == 0
     assert "could not be compiled" in caplog.text and "running eager" in caplog.text
+
+
+def test_inductor_cache_goes_to_the_configured_directory(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", torch_default())  # what torch sets itself
+    Engine(build("llama"), None, EngineConfig(block_size=4, num_blocks=8, compile=CompileConfig(
+        cache_dir=str(tmp_path / "ind"))))  # fmt: skip
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ind")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice
+    Engine(build("llama"), None, EngineConfig(block_size=4, num_blocks=8, compile=CompileConfig(
+        cache_dir=str(tmp_path / "other"))))  # fmt: skip
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -54,6 +54,19 @@ def default_cache_dir() -> str:
     return os.path.join(base, "inductor")
 
 
+def _use_cache_dir(path: str) -> None:
+    """Point inductor's cache at ``path`` unless the user chose one (``TORCHINDUCTOR_CACHE_DIR``
+    set to something other than torch's per-user temp default, which torch writes into the
+    environment the first time it looks)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and os.path.abspath(current) != os.path.abspath(torch_default()):
+        return
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+
+
 @register_config
 @dataclasses.dataclass(frozen=True)
 class CompileConfig(InfoptConfig):
@@ -169,9 +182,7 @@ class CompiledDecode:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.mode = mode
         if config.cache_dir != "":
-            cache = config.cache_dir or default_cache_dir()
-            os.makedirs(cache, exist_ok=True)
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+            _use_cache_dir(config.cache_dir or default_cache_dir())
         import torch._dynamo as dynamo
 
         # One graph per bucket, each guarded on its own buffers: keep them all.
