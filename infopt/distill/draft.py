@@ -59,36 +59,36 @@ def measure_speculative(target: nn.Module, drafts: dict[str, nn.Module],
                                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                pad_token_id=0)
 
-    rows: dict[str, Any] = {}
-    ref_out, ref_t = [], 0.0
+    # Interleaved per prompt (target, then each draft, repeated) so a change in machine load
+    # hits every row alike instead of whichever row happened to run then.
+    secs = dict.fromkeys(["target", *drafts], 0.0)
+    same = dict.fromkeys(drafts, True)
+    stats: dict[str, Any] = dict.fromkeys(drafts)
     for ids in prompts:
-        best = float("inf")
+        best = dict.fromkeys(secs, float("inf"))
         for _ in range(repeats):
             t0 = time.perf_counter()
-            out = plain(ids)
-            best = min(best, time.perf_counter() - t0)
-        ref_t += best
-        ref_out.append(out)
-    rows["target"] = {"seconds": ref_t, "speedup": 1.0}
-    for name, draft in drafts.items():
-        secs, same, stats = 0.0, True, None
-        for ids, ref in zip(prompts, ref_out):
-            best = float("inf")
-            for _ in range(repeats):
+            ref = plain(ids)
+            best["target"] = min(best["target"], time.perf_counter() - t0)
+            for name, draft in drafts.items():
                 t0 = time.perf_counter()
                 res = sp.generate(target, ids, draft, max_new_tokens,
                                   min_new_tokens=max_new_tokens,
                                   num_draft_tokens=num_draft_tokens)
-                best = min(best, time.perf_counter() - t0)
-            secs += best
-            same &= torch.equal(res.sequences, ref)
-            if stats is None:
-                stats = res.stats
-            else:
-                stats.merge(res.stats)
-        rows[name] = {"seconds": secs, "speedup": ref_t / secs, "identical": same,
-                      "acceptance_rate": stats.acceptance_rate,
-                      "mean_accepted_length": stats.mean_accepted_length}
+                best[name] = min(best[name], time.perf_counter() - t0)
+                same[name] &= torch.equal(res.sequences, ref)
+                if stats[name] is None:
+                    stats[name] = res.stats
+                else:
+                    stats[name].merge(res.stats)
+        for name in secs:
+            secs[name] += best[name]
+    rows: dict[str, Any] = {"target": {"seconds": secs["target"], "speedup": 1.0}}
+    for name in drafts:
+        st = stats[name]
+        rows[name] = {"seconds": secs[name], "speedup": secs["target"] / secs[name],
+                      "identical": same[name], "acceptance_rate": st.acceptance_rate,
+                      "mean_accepted_length": st.mean_accepted_length}
     return rows
 
 
@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--json", default=None)
+    p.add_argument("--out", default=None, help="save the distilled draft here (load_model)")
     args = p.parse_args(argv)
 
     target, tok = load_model(args.model, dtype=torch.float32)
@@ -124,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = distill(student, target, DistillData(data.input_ids), cfg)
     train_s = time.perf_counter() - t0
+    if args.out:
+        from .trainer import export_student
+
+        export_student(student, tok, args.out)
     prompts = heldout_prompts(tok, args.prompts)
     rows = measure_speculative(target, {"undistilled": base, "distilled": student}, prompts,
                                args.new_tokens, args.draft_tokens)
