@@ -161,9 +161,15 @@ INFOPT_AVX2 void int4_tile_avx2(const Int4Args& a, int64_t n0, int64_t m0) {
         const uint8_t* p = a.w + (n0 + r) * a.kb + k / 2;
         if ((k & 127) == 0)
           _mm_prefetch(reinterpret_cast<const char*>(p + quant::kPrefetchAhead), _MM_HINT_T1);
-        int64_t bytes8 = 0;  // a partial last block is copied so nothing past the row is read
-        std::memcpy(&bytes8, p, k + 16 <= a.K ? 8 : static_cast<size_t>((a.K - k + 1) / 2));
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes8));
+        __m128i raw;
+        if (k + 16 <= a.K) {
+          raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        } else {  // a partial last block is copied so nothing past the row is read
+          int64_t bytes8 = 0;
+          std::memcpy(&bytes8, p, static_cast<size_t>((a.K - k + 1) / 2));
+          raw = _mm_cvtsi64_si128(bytes8);
+        }
+        const __m256i v = _mm256_cvtepu8_epi32(raw);
         const __m256 we =
             _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, nib), zi[r]));
         const __m256 wo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), zi[r]));
@@ -216,10 +222,16 @@ INFOPT_AVX2 void dequant_rows_avx2(const Int4Args& a, int64_t n0, int64_t n1, fl
       const __m256 sf = _mm256_set1_ps(a.s[n * a.G + g]);
       const int64_t k1 = std::min(a.K, (g + 1) * a.gs);
       for (int64_t k = g * a.gs; k < k1; k += 16) {
-        int64_t bytes8 = 0;
-        std::memcpy(&bytes8, a.w + n * a.kb + k / 2,
-                    k + 16 <= a.K ? 8 : static_cast<size_t>((a.K - k + 1) / 2));
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes8));
+        const uint8_t* p = a.w + n * a.kb + k / 2;
+        __m128i raw;
+        if (k + 16 <= a.K) {
+          raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        } else {  // a partial last block: nothing past the row is read
+          int64_t bytes8 = 0;
+          std::memcpy(&bytes8, p, static_cast<size_t>((a.K - k + 1) / 2));
+          raw = _mm_cvtsi64_si128(bytes8);
+        }
+        const __m256i v = _mm256_cvtepu8_epi32(raw);
         const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, nib));
         const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
         _mm256_storeu_ps(d + k, _mm256_mul_ps(_mm256_sub_ps(lo, zf), sf));
