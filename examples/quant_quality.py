@@ -3,8 +3,10 @@
 For each method: quantize a copy of the fp32 model, then compare it with the fp32 model on
 the evaluation text (``infopt.eval.compare``: perplexity, relative increase, mean KL(fp32 ||
 quantized), top-1 agreement). Evaluation: the first ``--eval-tokens`` tokens of the Lee news
-corpus (infopt's default text); calibration (AWQ, GPTQ, SmoothQuant): windows of the second
-half of that corpus (``--calib-text lee``, disjoint) or CPython's pydoc prose (``pydoc``).
+corpus (infopt's default text); calibration (AWQ, GPTQ, SmoothQuant): the library default
+``--calib-text mix`` (chat, code and prose, disjoint from every evaluation text), or one source
+(``lee``: the second half of that corpus, ``pydoc``, ``chat``, ``code``). Per-domain figures
+(prose, code, chat): ``scripts/quality_domains.py``.
 
     python examples/quant_quality.py                       # SmolLM2-135M-Instruct, all methods
     python examples/quant_quality.py --methods int8,int4-gptq:64 --eval-tokens 4096
@@ -64,7 +66,8 @@ def main() -> None:
     p.add_argument("--calib-seq-len", type=int, default=_CALIB_DEFAULTS["calib_seq_len"],
                    help="tokens per calibration window (default: the library's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-text", default="lee", choices=["lee", "pydoc"])
+    p.add_argument("--calib-text", default=_CALIB_DEFAULTS["calib_text"],
+                   choices=q.config.CALIB_TEXTS)
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping")
     p.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clip-ratio search")
