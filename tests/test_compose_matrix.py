@@ -93,3 +93,28 @@ def test_the_full_stack_with_the_compiled_decode_step(quant, draft_dir):
                                   compile=True)
         assert torch.equal(generate(model), want)
         assert model_engine(model).runner.compiled.num_compiled_steps > 0
+
+
+@pytest.mark.parametrize("kv", [None, "paged"])
+def test_layer_skip_on_a_hybrid_sliding_window_model(kv):
+    """Gemma 3 (sliding and full layers): the skipped-layer draft keeps each kept layer's own
+    index, in the engine's draft pool and in the non-engine draft cache alike."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    def build():
+        torch.manual_seed(0)
+        cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, sliding_window=6, sliding_window_pattern=2,
+                               max_position_embeddings=256, pad_token_id=0, eos_token_id=None,
+                               bos_token_id=1)  # fmt: skip
+        m = Gemma3ForCausalLM(cfg).eval()
+        m.generation_config.pad_token_id = 0
+        m.generation_config.eos_token_id = None
+        return m
+
+    ids = torch.tensor([list(range(2, 12)) * 3])
+    want = build().generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False)
+    model = infopt.wrap_model(build(), kv=kv, spec="layer-skip")
+    got = model.generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False)
+    assert torch.equal(got, want)

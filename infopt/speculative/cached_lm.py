@@ -18,6 +18,7 @@ import inspect
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 
 def cache_length(cache: Any) -> int:
@@ -56,6 +57,12 @@ class CachedLM:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.cache: Any = None
+        #: builds the cache on the first forward. Not the model's own choice: for a config with
+        #: sliding layers HF builds sliding cache layers, which cannot be cropped back after a
+        #: rejected draft once the window is full, and a layer-skip draft's config lists only
+        #: its kept layers while each writes at its own index. A config-free DynamicCache grows
+        #: a full-history layer for any index; the attention masks still apply each window.
+        self.new_cache: Any = DynamicCache
         self.mask: torch.Tensor | None = None  # [B, length] bool: which cached positions are real
         self.all_valid = True  # fast path: no mask at all (batch 1 / unpadded batches)
         self.forwards = 0
@@ -96,6 +103,8 @@ class CachedLM:
         kwargs: dict[str, Any] = {}
         if self._logits_to_keep and keep is not None:
             kwargs["logits_to_keep"] = keep
+        if self.cache is None and self.new_cache is not None:
+            self.cache = self.new_cache()
         out = self.model(
             input_ids=ids,
             attention_mask=attn,
