@@ -125,7 +125,7 @@ def failing_spec(monkeypatch):
     # After kv=..., spec joins the kv engine as a proposer instead of building a draft source.
     import infopt.batching.hf_generate as hfg
 
-    monkeypatch.setattr(hfg, "build_proposer", lambda cfg: boom(cfg, None))
+    monkeypatch.setattr(hfg, "build_proposer", lambda cfg, *args: boom(cfg, None))
 
 
 @pytest.mark.parametrize("options", [
