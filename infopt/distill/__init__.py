@@ -38,7 +38,7 @@ from .losses import (
     topk_targets,
     tvd,
 )
-from .modules import DistillLinear, attach, export_int4, merge
+from .student_linear import DistillLinear, attach, export_int4, merge
 from .trainer import DistillResult, distill, evaluate, export_student
 
 __all__ = [

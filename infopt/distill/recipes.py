@@ -135,7 +135,7 @@ def run_distill(
     out = Path(out)
     if config.fake_quant:
         # the fake-quantized student before training is the RTN int4 model
-        from .modules import attach
+        from .student_linear import attach
 
         probe = copy.deepcopy(s_model)
         attach(probe, fake_quant_group=config.group_size)

@@ -31,7 +31,7 @@ from .checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_ch
 from .config import DistillConfig
 from .data import DistillData, sample_continuations
 from .losses import chunked_distill_loss
-from .modules import attach, export_int4, merge
+from .student_linear import attach, export_int4, merge
 
 __all__ = ["DistillResult", "distill", "evaluate", "export_student"]
 
@@ -174,7 +174,7 @@ def distill(
 
     Args:
         student: a HF causal LM (its linears are swapped for
-            :class:`~infopt.distill.modules.DistillLinear` when ``config`` asks for LoRA or
+            :class:`~infopt.distill.student_linear.DistillLinear` when ``config`` asks for LoRA or
             fake quantization; :func:`export_student` turns them back).
         teacher: a HF causal LM, frozen (None when ``data`` carries offline top-k targets).
         data: :class:`DistillData` or int64 token ids ``[N, L]``.
