@@ -1,11 +1,14 @@
 """What infopt prints, and the switches for it.
 
-* Events the caller cannot act on in code (a cached model being rebuilt, waiting for another
-  process's lock) go to the ``infopt`` logger (``logging.getLogger("infopt")`` and its
-  children), so applications route or silence them like any other library's.
-* Warnings that ask the caller to change something (a deprecated alias, an emulated fp8 GEMM,
-  a kernel backend falling back) stay ``warnings.warn``, so ``-W error`` and
-  ``pytest.warns`` see them.
+* Notices about what the library does (a cached model being rebuilt, waiting for another
+  process's lock, a kernel backend falling back, an emulated fp8 GEMM, a calibration result
+  loaded from the cache) go to loggers named after their module, children of ``infopt``
+  (``logging.getLogger("infopt")``), so applications route or silence them like any other
+  library's: ``logging.getLogger("infopt").setLevel(logging.ERROR)``. Notices that would
+  repeat on every call (a backend fallback, fp8 emulation) are logged once, at ``WARNING``
+  (shown on stderr even when the application configured no logging).
+* Only deprecations (an old alias spelling) are ``warnings.warn(DeprecationWarning)``, so
+  ``-W error`` and ``pytest.warns`` see them.
 * Progress bars (model fetch/convert, calibration) are tqdm bars on stderr. Each entry point
   takes ``progress=``; when it is not given, :func:`set_progress` decides, else the
   environment variable ``INFOPT_PROGRESS=0`` switches them off (tqdm's own ``TQDM_DISABLE=1``

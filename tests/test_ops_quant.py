@@ -15,6 +15,9 @@ interpreter (tests/conftest.py) on small shapes.
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from ops_utils import assert_finite, run_python, sqnr
@@ -377,7 +380,7 @@ def test_auto_picks_cpp_on_cpu():
         assert ops.backend_report(probe=False)[op]["ran"] == {"cpp": 1}
 
 
-def test_unsupported_inputs_use_reference():
+def test_unsupported_inputs_use_reference(caplog):
     op = "int8_weight_only_linear"
     _require(op, "cpu", "cpp")
     args = make_args(op, 2, 64, 8, torch.float64, "cpu")
@@ -386,8 +389,9 @@ def test_unsupported_inputs_use_reference():
     torch.testing.assert_close(call(op, args, "reference"), reference(op, args))
     x = args[0].float().requires_grad_()
     ops.reset_backend_stats()
-    with pytest.warns(RuntimeWarning, match="autograd"):
+    with caplog.at_level(logging.WARNING, logger="infopt.ops.registry"):
         y = ops.int8_weight_only_linear(x, *args[1:])
+    assert re.search(f"{op}.*fell back to 'reference'.*autograd", caplog.text), caplog.text
     y.sum().backward()
     assert x.grad is not None
     with pytest.raises(BackendUnavailableError, match="autograd"):

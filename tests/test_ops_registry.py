@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import warnings
 
 import pytest
@@ -103,14 +105,18 @@ def test_explicit_unavailable_backend_raises_with_reason_and_alternatives():
     assert "Backends that can run it: [" in msg and "'reference'" in msg
 
 
-def test_auto_fallback_warns_once_and_is_recorded(fake_op):
+def test_auto_fallback_logs_once_and_is_recorded(fake_op, caplog):
     name, call, probes = fake_op
     x = torch.zeros(3)
-    with pytest.warns(RuntimeWarning, match=r"fell back to 'reference' \(cpp: simulated build"):
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="infopt"):
+        warnings.simplefilter("error")  # a notice, not a Python warning
         assert torch.equal(call(x), x + 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a second warning would raise here
         assert torch.equal(call(x), x + 1)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "infopt.ops.registry"]
+    assert len(msgs) == 1, msgs  # once, not once per call
+    assert f"infopt.ops.{name}: backend=auto on cpu" in msgs[0]
+    assert re.search(r"fell back to 'reference' \(cpp: simulated build", msgs[0]), msgs[0]
+    assert caplog.records[0].levelno == logging.WARNING
     rep = ops.backend_report()[name]
     assert rep["ran"] == {"reference": 2}
     assert rep["fallbacks"] == [
@@ -175,7 +181,8 @@ def test_build_dir_keyed_by_sources_and_flags(tmp_path, monkeypatch):
 
 
 def test_disable_cpp_env_falls_back_cleanly():
-    """INFOPT_DISABLE_CPP=1: imports work, cpp reports why, AUTO warns once, explicit raises."""
+    """INFOPT_DISABLE_CPP=1: imports work, cpp reports why, AUTO logs once (on stderr without
+    any logging set up), explicit raises."""
     code = """
 import sys, warnings, torch
 import infopt, infopt.ops as ops
@@ -184,9 +191,7 @@ x, w = torch.randn(3, 16), torch.randn(16)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     ops.rms_norm(x, w); ops.rms_norm(x, w)
-msgs = [str(c.message) for c in caught if "fell back" in str(c.message)]
-assert len(msgs) == 1, msgs
-assert "fell back to 'reference'" in msgs[0] and "INFOPT_DISABLE_CPP=1" in msgs[0], msgs
+assert not [c for c in caught if "fell back" in str(c.message)], "a log record, not a warning"
 rep = ops.backend_report()["rms_norm"]
 assert "INFOPT_DISABLE_CPP=1" in rep["by_device"]["cpu"]["unavailable"]["cpp"], rep
 assert rep["ran"] == {"reference": 2}, rep
@@ -200,6 +205,9 @@ print("OK")
 """
     out = run_python(code, env={"INFOPT_DISABLE_CPP": "1"})
     assert "OK" in out
+    msgs = [line for line in out.splitlines() if "rms_norm" in line and "fell back" in line]
+    assert len(msgs) == 1, out
+    assert "fell back to 'reference'" in msgs[0] and "INFOPT_DISABLE_CPP=1" in msgs[0], msgs
 
 
 def test_triton_on_cpu_needs_the_interpreter():

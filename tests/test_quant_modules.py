@@ -1,8 +1,8 @@
 """Quantized modules, configs, wrap_model integration and save/load (tiny random models)."""
 
-import contextlib
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -112,12 +112,16 @@ def test_explicit_in_scale_is_applied():
     assert F.sqnr_db(lin(x), mod(x)) > 35
 
 
-def test_fp8_module_says_it_is_emulated():
+def test_fp8_module_says_it_is_emulated(caplog):
     lin = nn.Linear(32, 16)
     mod = q.FP8Linear.from_linear(lin)
     q.FP8Linear._warned = False
-    with pytest.warns(RuntimeWarning, match="EMULATED"):
+    with caplog.at_level(logging.WARNING, logger="infopt"):
         mod(torch.randn(2, 32))
+        mod(torch.randn(2, 32))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "infopt.quant.qlinear"]
+    assert len(msgs) == 1, msgs  # once per process, not per call
+    assert "EMULATED" in msgs[0] and "no native fp8 GEMM on cpu" in msgs[0]
     assert mod.emulated is True
     assert "emulated=True" in repr(mod)
 
@@ -192,16 +196,18 @@ def test_aliases_registered():
 
 
 @pytest.mark.parametrize("alias", ["int8", "int4-head-fp32", "int4-a8", "w8a8", "fp8"])
-def test_wrap_model_calibration_free(alias):
+def test_wrap_model_calibration_free(alias, caplog):
     model = tiny_llama()
     ref = model(IDS).logits
-    with pytest.warns(RuntimeWarning) if alias == "fp8" else contextlib.nullcontext():
+    with caplog.at_level(logging.WARNING, logger="infopt.quant.qlinear"):
         q.FP8Linear._warned = False
         if alias == "w8a8":
             q.quantize_model(model, alias, calib_input_ids=CALIB, progress=False)
         else:
             assert infopt.wrap_model(model, quant=alias) is model
         out = model(IDS).logits
+    emulated = [r for r in caplog.records if "EMULATED" in r.getMessage()]
+    assert len(emulated) == (1 if alias == "fp8" else 0)
     assert _cos(ref, out) > ALIAS_COSINE[alias]
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, q.QuantizedLinear)
     assert type(model.model.embed_tokens) is nn.Embedding

@@ -156,7 +156,7 @@ def validate(op: str, args: tuple) -> None:
 
 def run_validated(op: str, args: tuple, backend: Backend | str | None = None) -> torch.Tensor:
     """Run ``op`` on ``args`` that already passed :func:`validate`: backend selection,
-    fallback warnings and run counts of the public functions (which are validate + this).
+    fallback notices and run counts of the public functions (which are validate + this).
 
     For callers whose weights are fixed (the quantized modules check theirs once, then only
     the activation per call): the Python checks cost about as much as a small decode GEMV.

@@ -11,8 +11,8 @@ try ``cpp > reference``, any other device runs ``reference``. Triton on CPU only
 Triton interpreter, which is a correctness tool rather than a fast path, so ``AUTO`` never picks it
 there; ask for it explicitly. An explicitly requested backend that cannot run the input raises
 :class:`BackendUnavailableError`; it is never silently replaced. When ``AUTO`` has to skip a
-preferred backend it warns once per (op, device, chosen backend) and records the fallback, which
-:func:`backend_report` shows.
+preferred backend it logs a warning once per (op, device, chosen backend) on the
+``infopt.ops.registry`` logger and records the fallback, which :func:`backend_report` shows.
 
 Availability probes (building a C++ extension, importing Triton) run once per (op, backend,
 device type) and their answer, with the reason when unavailable, is cached for the process.
@@ -24,8 +24,8 @@ input needs autograd (the kernels are inference-only); then the backend's own ``
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -126,6 +126,7 @@ class _OpEntry:
 
 _OPS: dict[str, _OpEntry] = {}
 _LOCK = threading.Lock()
+_log = logging.getLogger(__name__)
 _default_backend: Backend = Backend.AUTO
 
 
@@ -265,16 +266,14 @@ def _record_fallback(
         entry.fallbacks[key] = entry.fallbacks.get(key, 0) + 1
     if first:
         why = "; ".join(f"{b}: {r}" for b, r in skipped)
-        warnings.warn(
-            f"infopt.ops.{entry.name}: backend=auto on {dev} fell back to {chosen.value!r} "
-            f"({why}). This warning is shown once; see infopt.ops.backend_report().",
-            RuntimeWarning,
-            stacklevel=4,
+        _log.warning(
+            "infopt.ops.%s: backend=auto on %s fell back to %r (%s). This message is shown "
+            "once; see infopt.ops.backend_report().", entry.name, dev, chosen.value, why,
         )
 
 
 def reset_backend_stats() -> None:
-    """Forget run counts and recorded fallbacks (so fallback warnings can fire again)."""
+    """Forget run counts and recorded fallbacks (so fallback messages can fire again)."""
     with _LOCK:
         for entry in _OPS.values():
             entry.ran.clear()

@@ -228,7 +228,7 @@ class FP8Config(QuantConfig):
     """fp8 e4m3 weights (per-output-channel scale) and per-token dynamic fp8 activations.
 
     Native on CUDA sm_89+; elsewhere emulated in fp32 (the modules report ``emulated=True``
-    and warn once).
+    and log a warning once).
     """
 
     VERSION = 1

@@ -36,7 +36,7 @@ def validate(op: str, args: tuple) -> None:
 
 def run_validated(op: str, args: tuple) -> torch.Tensor:
     """``infopt.ops.<op>(*args)`` for arguments that passed :func:`validate` (same backend
-    selection, fallback warnings and run counts; no second check)."""
+    selection, fallback notices and run counts; no second check)."""
     return _quant_ops.run_validated(op, args)
 
 

@@ -12,7 +12,7 @@ empty module of the right shape before loading a state dict.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn as nn
 from . import matmul
 from .formats import check_group_size, num_groups, quantize_fp8, quantize_int4, quantize_int8
 
+_log = logging.getLogger(__name__)
 # format name -> QuantizedLinear subclass, filled by QuantizedLinear.__init_subclass__
 _MODULE_TYPES: dict[str, type[QuantizedLinear]] = {}
 
@@ -323,7 +324,8 @@ class FP8Linear(QuantizedLinear):
     Buffers: ``weight_fp8`` uint8 ``[N, K]`` holding the float8_e4m3fn bit patterns (a uint8
     buffer survives ``model.to(dtype)``, which would otherwise cast a float8 buffer to the new
     float dtype), ``scale`` fp32 ``[N]``. ``emulated`` is True when the last forward ran the
-    fp32 emulation rather than a native fp8 GEMM; the first emulated forward warns once.
+    fp32 emulation rather than a native fp8 GEMM; the first emulated forward of the process
+    logs a warning on the ``infopt.quant.qlinear`` logger.
     """
 
     FORMAT = "fp8"
@@ -364,11 +366,11 @@ class FP8Linear(QuantizedLinear):
         self.emulated = not matmul.fp8_native_ok(x, w)
         if self.emulated and not FP8Linear._warned:
             FP8Linear._warned = True
-            warnings.warn(
-                f"infopt FP8Linear: no native fp8 GEMM on {x.device} (needs CUDA sm_89+ and "
-                "K, N multiples of 16); fp8 weights and activations are EMULATED "
-                "(quantize -> dequantize in fp32): quality is fp8's, speed is not",
-                RuntimeWarning, stacklevel=2,
+            _log.warning(
+                "infopt FP8Linear: no native fp8 GEMM on %s (needs CUDA sm_89+ and K, N "
+                "multiples of 16); fp8 weights and activations are EMULATED (quantize -> "
+                "dequantize in fp32): quality is fp8's, speed is not. Shown once per process.",
+                x.device,
             )
         return matmul.linear_fp8(self._prescale(x), w, self.scale, self.bias)
 

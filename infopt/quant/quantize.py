@@ -8,6 +8,7 @@ the config on the model for :func:`~infopt.quant.save_quantized`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..options import (
     technique_state,
 )
 from .blockwise import BlockFn, run_sequential
+from .calib_cache import CalibrationEntry, calib_cache_enabled
 from .calib_data import (
     calibration_ids,
     calibration_ids_from,
@@ -200,6 +202,7 @@ def quantize_model(
     calib_data: Any = None,
     progress: bool | None = None,
     check_finite: bool = True,
+    calib_cache: bool | None = None,
 ) -> nn.Module:
     """Quantize ``model``'s linears in place and return it.
 
@@ -220,6 +223,10 @@ def quantize_model(
         check_finite: refuse (``ValueError`` naming the module) to quantize a linear whose
             weight holds NaN or inf. Quantization would hide them: the fp model emits NaN
             logits, the quantized one finite but meaningless ones. ``False`` skips the check.
+        calib_cache: for calibrated methods, reuse (and store) the calibration result cached
+            under the same model weights, config and calibration ids
+            (:mod:`infopt.quant.calib_cache`); ``None`` (default) follows
+            ``INFOPT_CALIB_CACHE`` (on unless ``0``).
     """
     config = _as_config(config)
     handler = quant_handler_for(config)
@@ -255,15 +262,10 @@ def quantize_model(
                 f"max_position_embeddings={max_pos}; set calib_seq_len <= {max_pos} in the "
                 "config or pass shorter calib_input_ids"
             )
-        fn, desc = handler.calibration(config)
-        was_training = model.training
-        model.eval()
-        try:
-            rest = run_sequential(
-                model, targets, calib_input_ids, fn, desc=desc, progress=progress
-            )
-        finally:
-            model.train(was_training)
+        rest = _calibrate(
+            model, config, handler, targets, calib_input_ids, progress,
+            calib_cache_enabled(calib_cache),
+        )
 
     rest_set = set(rest)
     replace_modules(
@@ -276,6 +278,29 @@ def quantize_model(
     set_quant_state(model, config)
     refuse_save_pretrained(model)
     return model
+
+
+def _calibrate(
+    model: nn.Module, config: QuantConfig, handler: QuantHandler, targets: list[str],
+    calib_input_ids: torch.Tensor, progress: bool | None, use_cache: bool,
+) -> list[str]:
+    """Run the handler's calibration over the blocks (or load its cached result); returns the
+    targets left for round-to-nearest (outside the blocks)."""
+    entry = CalibrationEntry.for_model(model, config, calib_input_ids) if use_cache else None
+    rest = entry.apply(model, targets) if entry is not None else None
+    if rest is not None:
+        return rest
+    fn, desc = handler.calibration(config)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        rest = run_sequential(model, targets, calib_input_ids, fn, desc=desc, progress=progress)
+    finally:
+        model.train(was_training)
+    if entry is not None:
+        entry.store(model, targets, rest, time.perf_counter() - start)
+    return rest
 
 
 class _RefuseSavePretrained:
