@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in [m for m in args.methods.split(",") if m]:
         # "int4" is RTN with the output head kept in fp32, like int4-awq / int4-gptq, so the
         # three int4 rows differ only by the method.
-        cfg = q.Int4WeightOnlyConfig() if method == "int4" else q.ALIASES[method]
+        cfg = q.Int4WeightOnlyConfig() if method == "int4" else q.ALIASES[method]()
         if cfg.calibrated:
             cfg = dataclasses.replace(cfg, calib_text=args.calib_text)
         cand = copy.deepcopy(ref)
