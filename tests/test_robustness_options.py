@@ -87,10 +87,12 @@ def test_progress_switch_and_environment(monkeypatch):
 
 
 def test_calibration_progress_follows_the_switch(capfd):
-    q.quantize_model(tiny_llama(), "int4-awq", calib_input_ids=CALIB, progress=True)
+    # calib_cache=False: a cached calibration from an earlier test would show no progress.
+    q.quantize_model(tiny_llama(), "int4-awq", calib_input_ids=CALIB, progress=True,
+                     calib_cache=False)
     assert "AWQ" in capfd.readouterr().err
     infopt.set_progress(False)
-    q.quantize_model(tiny_llama(), "int4-awq", calib_input_ids=CALIB)
+    q.quantize_model(tiny_llama(), "int4-awq", calib_input_ids=CALIB, calib_cache=False)
     assert "AWQ" not in capfd.readouterr().err
 
 
