@@ -209,7 +209,7 @@ def test_a_failing_row_keeps_the_others(monkeypatch):
     assert "| hf-generate-batch | error: RuntimeError: kaputt |" in res.format_table()
 
 
-def test_requests_sampled_from_conversations_with_a_hf_tokenizer():
+def test_requests_sampled_from_conversations_with_a_hf_tokenizer(caplog):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -227,9 +227,10 @@ def test_requests_sampled_from_conversations_with_a_hf_tokenizer():
     def loader(name, dtype, device):
         return tiny_llama()[0], tok
 
-    with pytest.warns(UserWarning, match="no chat template"):
+    with caplog.at_level("WARNING", logger="infopt.batching.workload"):
         res = run_serve_bench("tiny", ["engine"], num_requests=4, max_output_tokens=6,
                               loader=loader, conversations=convs, progress=False)
+    assert "no chat template" in caplog.text
     row = res.row("engine")
     assert row.error is None and res.settings["chat_template"] is False
     assert all(1 <= n <= 6 for n in row.raw["num_generated"])

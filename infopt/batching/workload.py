@@ -17,16 +17,18 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
 import sys
 import time
-import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "SHAREGPT_REQUIREMENT",
@@ -343,8 +345,7 @@ def sample_requests(
 
     templated = chat_template and has_chat_template(tokenizer)
     if chat_template and not templated:
-        warnings.warn("the tokenizer has no chat template: ShareGPT prompts are used as raw text",
-                      stacklevel=2)
+        _log.warning("the tokenizer has no chat template: ShareGPT prompts are used as raw text")
     out: list[SampledRequest] = []
     # Tokenize lazily in shuffled order (as vLLM does): only ~n conversations are encoded.
     for conv_id, (prompt, reply) in pairs:
