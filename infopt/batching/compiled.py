@@ -191,7 +191,7 @@ class CompiledDecode:
                                  dynamic=config.dynamic, fullgraph=True)
         if config.warmup:
             for b in self.buckets:
-                self._run_bucket(b, 0)
+                self._run_bucket(b, None)
 
     # --- what runs compiled ---------------------------------------------------------------
 
@@ -269,9 +269,9 @@ class CompiledDecode:
         ctx.block_tables.copy_(t[:, 4:])
         return n
 
-    def _run_bucket(self, b: int, plan: StepPlan | None | int) -> torch.Tensor:
+    def _run_bucket(self, b: int, plan: StepPlan | None) -> torch.Tensor:
         bufs = self._buffers(b)
-        self._fill(bufs, plan if isinstance(plan, StepPlan) else None)
+        self._fill(bufs, plan)
         first = b not in self.compile_seconds
         t0 = time.perf_counter()
         with forward_context(bufs.ctx):
@@ -294,17 +294,10 @@ class CompiledDecode:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run an accepted plan. Returns fp32 logits ``[B, vocab]`` in ``plan.sample_rows``
-        order (a decode plan samples every row, in batch order)."""
+        """Run an accepted plan. Returns fp32 logits ``[B, vocab]``: a decode-only plan samples
+        every one of its ``B`` rows (one token per sequence), in batch order."""
         n = plan.num_seqs
         logits = self._run_bucket(self.bucket_for(n), plan)
         self.num_compiled_steps += 1
-        rows = plan.sample_rows
-        if rows != list(range(n)):
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         # A copy: the graph's output buffer is reused by the next step (CUDA graphs).
         return logits[:n].to(torch.float32, copy=True)
-
-    @property
-    def warmup_seconds(self) -> float:
-        return float(sum(self.compile_seconds.values()))

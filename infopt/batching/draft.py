@@ -104,7 +104,7 @@ class DraftProposer:
         for i, (req, room) in enumerate(items):
             if min(room, self.k) <= 0:
                 continue
-            sid, feed = self._sync(req)
+            _, feed = self._sync(req)
             feeds[i] = feed
             active.append(i)
         if not active:
