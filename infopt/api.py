@@ -29,6 +29,7 @@ from .options import (
     Check,
     Handler,
     OptionSpec,
+    WrapInputs,
     WrapState,
     check_for,
     handler_for,
@@ -40,6 +41,7 @@ from .options import (
     register_option,
     registered_options,
     technique_state,
+    wrap_inputs_scope,
 )
 
 __all__ = [
@@ -164,11 +166,21 @@ def _configs_of(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
-def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
+def wrap_model(
+    model: nn.Module, *, tokenizer: Any = None, calib_data: Any = None, **options: Any
+) -> nn.Module:
     """Apply optimizations to ``model`` in place and return it.
 
     Args:
         model: any ``nn.Module``; typically a HuggingFace ``*ForCausalLM``.
+        tokenizer: the model's tokenizer, for options that need to encode text: calibrated
+            quant methods (``int4-awq``, ``int4-gptq``, ``w8a8``) encode their calibration
+            text with it. Default: the tokenizer saved in the model's local directory, which a
+            model built from a GGUF file or in memory does not have.
+        calib_data: your own calibration data for a calibrated quant method instead of the
+            default mix: a text, a list of texts, a ``pathlib.Path`` or token ids (1-D: windows
+            are cut from it; 2-D ``[n, seq_len]``: the windows). Refused with a ``ValueError``
+            when no option calibrates.
         **options: ``option=value`` where value is an alias string, a config dataclass or a
             config dict (``to_dict()`` output). ``None`` (or ``False``) means "not this
             option"; ``True`` means an on/off option's default (``compile=True`` is
@@ -197,6 +209,21 @@ def wrap_model(model: nn.Module, **options: Any) -> nn.Module:
         key=lambda n: (_APPLY_ORDER.index(n) if n in _APPLY_ORDER else len(_APPLY_ORDER),
                        registered.index(n)),
     )
+    if calib_data is not None and not any(
+        getattr(parsed[n], "calibrated", False) for n in order
+    ):
+        raise ValueError(
+            "calib_data= is used only by a calibrated quant method (quant='int4-awq', "
+            "'int4-gptq' or 'w8a8'); the options given ("
+            f"{', '.join(f'{n}={type(parsed[n]).__name__}' for n in order) or 'none'}) do not "
+            "calibrate"
+        )
+    inputs = WrapInputs(tokenizer=tokenizer, calib_data=calib_data)
+    with wrap_inputs_scope(inputs):
+        return _wrap(model, parsed, order)
+
+
+def _wrap(model: nn.Module, parsed: dict[str, InfoptConfig], order: list[str]) -> nn.Module:
     handlers = {name: handler_for(parsed[name]) for name in order}
     for name in order:
         check = check_for(parsed[name])

@@ -19,9 +19,11 @@ sits above them and imports them to apply their options):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch.nn as nn
@@ -33,6 +35,7 @@ __all__ = [
     "Check",
     "Handler",
     "OptionSpec",
+    "WrapInputs",
     "WrapState",
     "check_for",
     "clear_technique_state",
@@ -46,6 +49,8 @@ __all__ = [
     "registered_options",
     "set_technique_state",
     "technique_state",
+    "wrap_inputs",
+    "wrap_inputs_scope",
 ]
 
 Handler = Callable[[nn.Module, InfoptConfig], "nn.Module | None"]
@@ -69,6 +74,45 @@ class OptionSpec:
     true_alias: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class WrapInputs:
+    """What ``wrap_model(..., tokenizer=, calib_data=)`` hands to the handlers that need text,
+    beside their configs (a tokenizer object is not config data: configs stay serializable).
+
+    ``tokenizer`` encodes calibration text (calibrated quant methods) when the model has no
+    local directory to load one from (e.g. a model built from a GGUF file); ``calib_data`` is the
+    user's calibration data (text, texts, a file path or token ids, as
+    :func:`infopt.quant.quantize_model` takes it).
+    """
+
+    tokenizer: Any = None
+    calib_data: Any = None
+
+
+_WRAP_INPUTS: contextvars.ContextVar[WrapInputs | None] = contextvars.ContextVar(
+    "infopt_wrap_inputs", default=None
+)
+
+
+def wrap_inputs() -> WrapInputs:
+    """The :class:`WrapInputs` of the ``wrap_model`` call being applied (empty outside one)."""
+    return _WRAP_INPUTS.get() or WrapInputs()
+
+
+@contextlib.contextmanager
+def wrap_inputs_scope(inputs: WrapInputs) -> Iterator[None]:
+    """Make ``inputs`` what :func:`wrap_inputs` returns inside the block (checks and handlers
+    run inside it)."""
+    token = _WRAP_INPUTS.set(inputs)
+    try:
+        yield
+    finally:
+        _WRAP_INPUTS.reset(token)
+
+
+#: ``wrap_model`` keywords that are inputs, not options.
+RESERVED_NAMES = ("model", "tokenizer", "calib_data")
+
 _OPTIONS: dict[str, OptionSpec] = {}
 _HANDLERS: dict[type[InfoptConfig], Handler] = {}
 _CHECKS: dict[type[InfoptConfig], Check] = {}
@@ -90,6 +134,9 @@ def register_option(
     """
     if name in _OPTIONS:
         raise ValueError(f"wrap_model option {name!r} is already registered")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is a wrap_model input, not an option name; reserved: "
+                         f"{', '.join(RESERVED_NAMES)}")
     deprecated = dict(deprecated or {})
     bad = {old: new for old, new in deprecated.items() if new not in aliases or old in aliases}
     if bad:

@@ -19,6 +19,7 @@ from infopt.batching.workload import SampledRequest
 from infopt.bench import serve
 from infopt.bench.serve import (
     COLUMNS,
+    DEFAULT_ROWS,
     ROWS,
     RequestRecord,
     percentile,
@@ -120,7 +121,7 @@ def offline_result():
 
 def test_offline_every_row_produces_the_same_tokens(offline_result):
     reqs, res = offline_result
-    assert [r.name for r in res.rows] == list(ROWS)
+    assert [r.name for r in res.rows] == list(DEFAULT_ROWS)
     assert res.mode == "offline" and res.reference == "hf-generate-batch"
     want = [r.output_len for r in reqs]
     for row in res.rows:
@@ -144,12 +145,39 @@ def test_offline_every_row_produces_the_same_tokens(offline_result):
     assert res.settings["kv_budget_tokens"] == 4 * max(r.prompt_len + r.output_len for r in reqs)
 
 
+def test_speculative_row_gives_the_engines_tokens():
+    reqs = synthetic_requests()
+    res = run_serve_bench(
+        "tiny", ["engine", "engine-spec"], num_requests=len(reqs), loader=tiny_llama,
+        requests=reqs, max_num_seqs=2, max_num_batched_tokens=32, progress=False,
+    )  # fmt: skip
+    eng, spec = res.row("engine"), res.row("engine-spec")
+    assert eng.error is None and spec.error is None, (eng.error, spec.error)
+    # prompt lookup is exact under greedy
+    assert [r.token_ids for r in spec.records] == [r.token_ids for r in eng.records]
+    assert spec.metrics["output_tokens"] == eng.metrics["output_tokens"]
+
+
+def test_opt_in_rows_build_their_engine_configs():
+    from infopt.api import parse_option
+    from infopt.batching import EngineConfig
+    from infopt.bench.serve import _ENGINE_OPTIONS
+
+    assert set(ROWS) - set(DEFAULT_ROWS) <= set(_ENGINE_OPTIONS)
+    for name, opts in _ENGINE_OPTIONS.items():
+        o = dict(opts)
+        for key, option in (("speculative", "spec"), ("compile", "compile")):
+            if key in o:
+                o[key] = parse_option(option, o[key])
+        EngineConfig(**o)  # validates every field
+
+
 def test_table_and_json_have_every_column(offline_result, tmp_path):
     _, res = offline_result
     text = res.format_table()
     header = next(ln for ln in text.splitlines() if ln.startswith("| row"))
     assert [c.strip() for c in header.strip("|").split("|")] == list(COLUMNS)
-    for name in ROWS:
+    for name in DEFAULT_ROWS:
         assert f"| {name} |" in text
     assert "offline" in text and "torch " in text and "threads" in text and "6 ShareGPT" in text
     assert "hf-generate: the first 3 requests" in text

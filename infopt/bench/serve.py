@@ -26,11 +26,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import itertools
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +47,7 @@ from .runner import (
     machine_info,
     versions,
 )
+from .serve_metrics import RequestRecord, percentile, poisson_arrivals, summarize_records
 from .timing import PeakMemory, TimingStreamer, _eos_suppression, memory_in_use
 
 __all__ = [
@@ -64,8 +63,22 @@ _ROW_SPECS: dict[str, tuple[str, str, str]] = {
     "engine": ("infopt Engine, fp32", "baseline", "engine"),
     "engine-int4-head8": ("infopt Engine, int4 RTN g128 + int8 lm_head", "int4-head8", "engine"),
     "engine-prefix": ("infopt Engine, fp32, prefix caching", "baseline", "engine"),
+    "engine-spec": ("infopt Engine, fp32, prompt-lookup speculation", "baseline", "engine"),
+    "engine-compile": ("infopt Engine, fp32, compiled decode steps", "baseline", "engine"),
+    "engine-int4-head8-compile": ("infopt Engine, int4-head8, compiled decode steps",
+                                  "int4-head8", "engine"),
 }
 ROWS = tuple(_ROW_SPECS)
+#: rows of a run without ``rows=``: the opt-in ones (speculation, compilation) are left out
+DEFAULT_ROWS = ("hf-generate", "hf-generate-batch", "engine", "engine-int4-head8",
+                "engine-prefix")
+#: EngineConfig fields of the engine rows (beyond the shared batch limits and pool size)
+_ENGINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "engine-prefix": {"enable_prefix_caching": True},
+    "engine-spec": {"speculative": "prompt-lookup"},
+    "engine-compile": {"compile": True},
+    "engine-int4-head8-compile": {"compile": True},
+}
 HF_ROWS = ("hf-generate", "hf-generate-batch")
 REFERENCE_ROW = "hf-generate-batch"
 DEFAULT_NUM_REQUESTS = 256
@@ -77,87 +90,6 @@ ENGINE_BLOCK_SIZE = 16
 _WARMUP_TOKENS = 4
 
 Loader = Callable[[str, torch.dtype, str], tuple[Any, Any]]
-
-
-# --- metrics ----------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation (numpy's default); NaN if
-    ``values`` is empty."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100], got {q}")
-    xs = sorted(values)
-    if not xs:
-        return math.nan
-    rank = q / 100 * (len(xs) - 1)
-    lo = math.floor(rank)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
-
-
-def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
-    """Arrival times (seconds from t=0) of ``n`` requests at ``rate`` requests/s.
-
-    A Poisson process: exponential gaps of mean ``1 / rate``, drawn from ``random.Random(seed)``;
-    the first request arrives at 0 (as in vLLM's benchmark). ``rate=inf``: all at 0 (offline).
-    """
-    if not (rate > 0):
-        raise ValueError(f"request rate must be > 0 (inf = offline), got {rate}")
-    if math.isinf(rate):
-        return [0.0] * n
-    rng = random.Random(seed)
-    return list(itertools.accumulate([0.0] + [rng.expovariate(rate) for _ in range(n - 1)]))[:n]
-
-
-@dataclasses.dataclass
-class RequestRecord:
-    """One finished request. Times in seconds from the row's start (its t=0)."""
-
-    prompt_len: int
-    num_generated: int
-    arrival: float
-    first_token: float
-    finished: float
-    token_ids: tuple[int, ...] = dataclasses.field(default=(), repr=False)
-    num_cached_tokens: int = 0  # prompt tokens served by a prefix cache
-    num_preemptions: int = 0
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean seconds per output token after the first (None for 1-token outputs)."""
-        n = self.num_generated
-        return (self.finished - self.first_token) / (n - 1) if n >= 2 else None
-
-
-def _stats_ms(values: Sequence[float]) -> dict[str, float]:
-    ms = [v * 1e3 for v in values]
-    mean = sum(ms) / len(ms) if ms else math.nan
-    return {"mean": mean, "p50": percentile(ms, 50), "p99": percentile(ms, 99)}
-
-
-def summarize_records(records: Sequence[RequestRecord], duration_s: float) -> dict[str, Any]:
-    """vLLM's serving metrics over ``records`` completed in ``duration_s`` seconds.
-
-    Rates are totals over the duration (output tokens/s, prompt + output tokens/s,
-    requests/s); TTFT / TPOT / E2E are ``{"mean", "p50", "p99"}`` in ms over requests (TPOT
-    over those with >= 2 tokens).
-    """
-    out_tokens = sum(r.num_generated for r in records)
-    in_tokens = sum(r.prompt_len for r in records)
-    rate = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: math.nan)
-    return {
-        "num_requests": len(records), "prompt_tokens": in_tokens, "output_tokens": out_tokens,
-        "duration_s": duration_s, "output_tok_s": rate(out_tokens),
-        "total_tok_s": rate(out_tokens + in_tokens), "requests_s": rate(len(records)),
-        "ttft_ms": _stats_ms([r.ttft for r in records]),
-        "tpot_ms": _stats_ms([t for r in records if (t := r.tpot) is not None]),
-        "e2e_ms": _stats_ms([r.finished - r.arrival for r in records]),
-    }  # fmt: skip
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -295,14 +227,21 @@ def _run_hf_batch(model, tok, reqs, kv_tokens, max_num_seqs, max_batched):
     return records, wall
 
 
-def _run_engine(model, tok, reqs, arrivals, settings, prefix_caching):
+def _run_engine(model, tok, reqs, arrivals, settings, options):
+    from infopt.api import parse_option
     from infopt.batching import Engine, EngineConfig, SamplingParams
 
+    opts = dict(options)
+    if "speculative" in opts:
+        opts["speculative"] = parse_option("spec", opts["speculative"])
+    if "compile" in opts:
+        # Every batch bucket compiles when the engine is built: warm-up, not serving time.
+        opts["compile"] = dataclasses.replace(parse_option("compile", opts["compile"]),
+                                              warmup=True)
     engine = Engine(model, tok, EngineConfig(
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"], block_size=ENGINE_BLOCK_SIZE,
-        num_blocks=-(-settings["kv_budget_tokens"] // ENGINE_BLOCK_SIZE),
-        enable_prefix_caching=prefix_caching,
+        num_blocks=-(-settings["kv_budget_tokens"] // ENGINE_BLOCK_SIZE), **opts,
     ))  # fmt: skip
     warm = list(reversed(reqs[0].prompt_token_ids))  # shares no prefix block with the workload
     engine.generate([warm], SamplingParams(max_tokens=_WARMUP_TOKENS, temperature=0.0,
@@ -378,7 +317,7 @@ def run_serve_bench(
     """
     online = not math.isinf(request_rate)
     names = list(rows) if rows is not None else [
-        n for n in ROWS if not (online and n in HF_ROWS)
+        n for n in DEFAULT_ROWS if not (online and n in HF_ROWS)
     ]
     unknown = [n for n in names if n not in _ROW_SPECS]
     if unknown or not names:
@@ -437,7 +376,7 @@ def run_serve_bench(
                                                       max_num_seqs, max_num_batched_tokens)
                     else:
                         records, wall, stats = _run_engine(m, tok, sub, arrivals, settings,
-                                                           name == "engine-prefix")
+                                                           _ENGINE_OPTIONS.get(name, {}))
                 _fill_row(row, records, wall, stats, peak, mem_before)
                 log(f"{name}: {row.metrics['output_tok_s']:.1f} output tok/s, TTFT p50 "
                     f"{row.metrics['ttft_ms']['p50']:.0f} ms, wall {wall:.1f} s")

@@ -22,6 +22,7 @@ from ..options import (
     register_handler,
     set_technique_state,
     technique_state,
+    wrap_inputs,
 )
 from .blockwise import BlockFn, run_sequential
 from .calib_cache import CalibrationEntry, calib_cache_enabled
@@ -145,15 +146,25 @@ class QuantHandler:
 
     # wrap_model(quant=...): the handler and check registered for this config type.
     def apply(self, model: nn.Module, config: QuantConfig) -> None:
-        # Calibrated methods find a tokenizer in the model's local directory; use
-        # quantize_model(..., tokenizer=..., calib_input_ids=...) to supply calibration directly.
-        quantize_model(model, config)
+        # wrap_model(..., tokenizer=, calib_data=) hand calibration in; without them calibrated
+        # methods find a tokenizer in the model's local directory.
+        inputs = wrap_inputs()
+        quantize_model(model, config, tokenizer=inputs.tokenizer, calib_data=inputs.calib_data)
 
     def check(self, model: nn.Module, config: QuantConfig) -> None:
         check_quantizable(model, config)
         if config.calibrated:
             find_blocks(model)  # calibration runs block by block
-            check_calibration_source(model)
+            inputs = wrap_inputs()
+            if inputs.tokenizer is None and not _is_token_ids(inputs.calib_data):
+                check_calibration_source(model)
+
+
+def _is_token_ids(data: Any) -> bool:
+    """Calibration data that needs no tokenizer: token ids (not a text, texts or a path)."""
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return False
+    return not (isinstance(data, (list, tuple)) and data and isinstance(data[0], str))
 
 
 _QUANT_HANDLERS: dict[type[QuantConfig], QuantHandler] = {}
