@@ -40,3 +40,13 @@ def test_stack_table_lines_up_parts_product_and_measured():
     assert "ppl +10.0%" in line
     assert "int4+spec-x" not in text  # a part was not measured in this run
     assert format_stack(rows[:3]) == ""
+
+
+def test_any_compound_of_registered_rows_is_accepted_by_name():
+    row = get_bench_config("int4-head8+paged+spec-draft-qwen0.5b-int4")
+    assert set(row.wrap_options) == {"quant", "kv", "spec"}
+    assert row.wrap_options["kv"] == "paged"
+    with pytest.raises(ValueError, match="unknown bench config 'int4\\+nonsense'"):
+        get_bench_config("int4+nonsense")
+    with pytest.raises(ValueError, match="set by more than one part"):
+        get_bench_config("int4+int8")

@@ -91,6 +91,11 @@ def get_bench_config(name: str) -> BenchConfig:
     """Look up one config; unknown names raise ``ValueError`` listing the accepted ones."""
     if name not in _REGISTRY:
         _load_builtin_rows()
+    if name not in _REGISTRY and "+" in name and all(p in _REGISTRY for p in name.split("+")):
+        # Any compound of registered rows, e.g. "int4-head8+paged+spec-draft-qwen0.5b-int4".
+        from .stack import compound_config
+
+        return compound_config([_REGISTRY[p] for p in name.split("+")])
     try:
         return _REGISTRY[name]
     except KeyError:
