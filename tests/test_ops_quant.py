@@ -325,6 +325,44 @@ print("ok")
     assert "ok" in out
 
 
+@pytest.mark.parametrize("isa", ("avx2", "scalar"))
+def test_cpp_int4_dynamic_avx2_path(isa):
+    """int4_dynamic_linear's AVX2 int8-dot tiles (vpmaddubsw; INFOPT_CPU_ISA=avx2 selects them
+    on an AVX-512 box too) and, capped at scalar, its fallback: K with partial 128-k chunks and
+    odd K, N not a multiple of the 4-row tile, M from 1 to past the AVX2 tiles' limit (M <= 32)
+    with 4 / 2 / 1-row remainders, group sizes that tile 128 (32, 64, 128, 256) and one that
+    does not (96), with and without bias. Row 0 of x is all half-step ties (block maximum
+    127 / 16, so scale = 1 / 16 exactly and x / scale = j + 0.5: only round half to even gives
+    the reference's codes, and one code off costs ~60 dB), row 1 starts with an all-zero
+    block (scale 1, codes 0)."""
+    _require("int4_dynamic_linear", "cpu", "cpp")
+    code = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_ops_quant import make_args, check, call
+op = "int4_dynamic_linear"
+cases = ((1, 577, 9), (2, 300, 7), (3, 1000, 5), (5, 128, 4), (7, 64, 1), (31, 130, 6),
+         (32, 576, 5), (37, 7, 3), (6, 1536, 13))
+for gs in (32, 64, 128, 256, 96):
+    for m, k, n in cases:
+        for bias in (True, False):
+            args = make_args(op, m, k, n, torch.float32, "cpu", bias=bias, gs=gs, seed=m + k)
+            x = args[0]
+            g = torch.Generator().manual_seed(k)
+            x[0] = (torch.randint(-126, 126, (k,), generator=g) + 0.5) / 16
+            x[0, ::32] = 127 / 16
+            if m > 1:
+                x[1, :32] = 0
+            check(op, args, call(op, args, "cpp"), f"g{gs} {m}x{k}x{n} bias={bias}")
+            if gs == 128 and k > 100:
+                a16 = [x.to(torch.bfloat16), *args[1:]]
+                check(op, a16, call(op, a16, "cpp"), f"bf16 g{gs} {m}x{k}x{n}")
+print("ok")
+"""
+    out = run_python(code, env={"INFOPT_CPU_ISA": isa})
+    assert "ok" in out, out
+
+
 def test_cpp_isa_cap_rejects_unknown_values():
     """A misspelt INFOPT_CPU_ISA is an error naming the accepted values, not silently no cap."""
     _require("int8_weight_only_linear", "cpu", "cpp")
