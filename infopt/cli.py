@@ -60,11 +60,13 @@ def _config_list(s: str) -> list[str]:
 
     names = [n.strip() for n in s.split(",") if n.strip()]
     accepted = list_bench_configs()
-    unknown = [n for n in names if n not in accepted]
+    # "a+b": a compound of registered rows (get_bench_config builds it)
+    unknown = [n for n in names if not all(p in accepted for p in n.split("+"))]
     if not names or unknown:
         bad = ", ".join(repr(n) for n in unknown) or "none given"
         raise argparse.ArgumentTypeError(
-            f"unknown config(s) {bad}; accepted: {', '.join(accepted)} (comma-separated)"
+            f"unknown config(s) {bad}; accepted: {', '.join(accepted)}, or compounds of them "
+            "joined by '+' (comma-separated)"
         )
     return names
 

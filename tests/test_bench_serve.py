@@ -164,7 +164,7 @@ def test_opt_in_rows_build_their_engine_configs():
     from infopt.bench.serve import _ENGINE_OPTIONS
 
     assert set(ROWS) - set(DEFAULT_ROWS) <= set(_ENGINE_OPTIONS)
-    for name, opts in _ENGINE_OPTIONS.items():
+    for opts in _ENGINE_OPTIONS.values():
         o = dict(opts)
         for key, option in (("speculative", "spec"), ("compile", "compile")):
             if key in o:

@@ -50,3 +50,13 @@ def test_any_compound_of_registered_rows_is_accepted_by_name():
         get_bench_config("int4+nonsense")
     with pytest.raises(ValueError, match="set by more than one part"):
         get_bench_config("int4+int8")
+
+
+def test_cli_accepts_compounds_of_registered_rows():
+    import argparse
+
+    from infopt.cli import _config_list
+
+    assert _config_list("baseline,int4-head8+paged") == ["baseline", "int4-head8+paged"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'int4\\+zz'.*joined by '\\+'"):
+        _config_list("int4+zz")
