@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import infopt
 from infopt.cli import main
-from infopt.distill.draft import measure_speculative
+from infopt.distill.draft import int4_draft, measure_speculative
 from infopt.distill.recipes import layer_truncated
 
 TOKENIZER = Path.home() / ".cache" / "infopt" / "models" / "smollm2-135m"
@@ -53,6 +53,23 @@ def test_measure_speculative_output_is_the_targets():
                                max_new_tokens=12, num_draft_tokens=3, repeats=1)
     assert rows["draft"]["identical"] is True
     assert 0.0 <= rows["draft"]["acceptance_rate"] <= 1.0 and rows["target"]["speedup"] == 1.0
+
+
+def test_int4_self_draft_is_fast_and_exact():
+    """DistillSpec's int4 self-draft: int4 RTN weights x int8 activations, int8 head; the
+    speculative output is still exactly the target's."""
+    import copy
+
+    import infopt.quant as q
+
+    target = tiny(layers=2)  # K = 32, 64: one partial group of 128 per row
+    draft = int4_draft(copy.deepcopy(target))
+    int4 = [m for m in draft.modules() if isinstance(m, q.Int4Linear)]
+    assert int4 and all(m.act_dtype == "int8" for m in int4)
+    assert isinstance(draft.get_output_embeddings(), q.Int8Linear)
+    rows = measure_speculative(target, {"int4": draft}, [torch.tensor([[5, 6, 7, 8, 5, 6]])],
+                               max_new_tokens=10, num_draft_tokens=3, repeats=1)
+    assert rows["int4"]["identical"] is True and rows["int4"]["acceptance_rate"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from .data import DistillData, token_windows, training_text
 from .recipes import layer_truncated
 from .trainer import distill
 
-__all__ = ["heldout_prompts", "measure_speculative"]
+__all__ = ["heldout_prompts", "int4_draft", "measure_speculative"]
 
 
 def heldout_prompts(tokenizer: Any, n: int = 8, n_words: int = 24) -> list[torch.Tensor]:
@@ -92,12 +92,33 @@ def measure_speculative(target: nn.Module, drafts: dict[str, nn.Module],
     return rows
 
 
+def int4_draft(model: nn.Module, group_size: int = 128) -> nn.Module:
+    """``model`` (fp, or a fake-quantized student) as a fast int4 draft, in place: merged and
+    rounded to int4 RTN on its training grid (:func:`~.student_linear.export_int4`), int8
+    activations per 32-block, and the output head int8 weight-only."""
+    from ..quant import Int4Linear, Int8Linear
+    from .student_linear import export_int4
+
+    export_int4(model, group_size)
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.act_dtype = "int8"
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        model.set_output_embeddings(Int8Linear.from_linear(head))
+    return model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..models import load_model
 
     p = argparse.ArgumentParser(prog="python -m infopt.distill.draft",
                                 description="DistillSpec on a layer-truncated self-draft")
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--draft", choices=("layers", "int4"), default="layers",
+                   help="layers: a layer-truncated copy of the target (--keep); int4: the "
+                   "target itself on the int4 g128 grid (trained with fake quantization, run "
+                   "as int4 weights x int8 activations with an int8 head)")
     p.add_argument("--keep", default="0,1,2,3,4,5,29", help="target layers the draft keeps")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
@@ -114,25 +135,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     target, tok = load_model(args.model, dtype=torch.float32)
-    keep = [int(x) for x in args.keep.split(",")]
-    base = layer_truncated(target, keep)
+    keep = [int(x) for x in args.keep.split(",")] if args.draft == "layers" else None
+    base = layer_truncated(target, keep) if keep else copy.deepcopy(target)
     student = copy.deepcopy(base)
     data = token_windows(tok, training_text(), args.seq_len)
     cfg = DistillConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
                         lmbda=args.lmbda, prompt_len=args.prompt_len, lr=args.lr,
                         warmup_steps=max(1, args.steps // 10), frozen=("*embed_tokens*",),
-                        log_every=10)
+                        log_every=10, fake_quant="int4" if args.draft == "int4" else None)
     t0 = time.perf_counter()
     res = distill(student, target, DistillData(data.input_ids), cfg)
     train_s = time.perf_counter() - t0
-    if args.out:
+    if args.draft == "int4":
+        # Both drafts on the grid the student trained on: RTN int4 g128 (the undistilled draft
+        # is plain RTN of the target), run with int8 activations and an int8 head for speed.
+        for m in (base, student):
+            int4_draft(m, cfg.group_size)
+    if args.out and args.draft == "int4":
+        from ..quant import save_quantized
+
+        save_quantized(student, args.out)  # load_quantized(out)
+        tok.save_pretrained(args.out)
+    elif args.out:
         from .trainer import export_student
 
         export_student(student, tok, args.out)
     prompts = heldout_prompts(tok, args.prompts)
     rows = measure_speculative(target, {"undistilled": base, "distilled": student}, prompts,
                                args.new_tokens, args.draft_tokens)
-    out = {"model": args.model, "keep": keep, "config": cfg.to_dict(), "train_seconds": train_s,
+    out = {"model": args.model, "draft": args.draft, "keep": keep, "config": cfg.to_dict(),
+           "train_seconds": train_s,
            "history": res.history, "threads": torch.get_num_threads(), "rows": rows}
     for name, r in rows.items():
         extra = "" if name == "target" else (
