@@ -155,6 +155,30 @@ def test_fake_quant_export_computes_what_was_trained(teacher, tmp_path):
     torch.testing.assert_close(out, trained, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_no_grad_forward_reuses_the_rounded_weight_until_it_changes(lora_rank):
+    from infopt.distill.student_linear import DistillLinear
+
+    torch.manual_seed(0)
+    lin = DistillLinear.from_linear(torch.nn.Linear(64, 16), fake_quant_group=32,
+                                    lora_rank=lora_rank)
+    if lora_rank:
+        torch.nn.init.normal_(lin.lora_b)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        a = lin(x)
+        assert lin(x) is not a and torch.equal(lin(x), a)
+        assert lin.__dict__["_rounded"] is not None
+    assert torch.equal(lin(x).detach(), a)  # the autograd path computes the same
+    for p in ([lin.weight] + ([lin.lora_b] if lora_rank else [])):
+        with torch.no_grad():  # an optimizer step: in place
+            p.add_(0.05)
+            b = lin(x)
+        assert not torch.equal(b, a)
+        assert torch.equal(lin(x).detach(), b)
+        a = b
+
+
 def test_lora_trains_adapters_only_and_merges(teacher, tmp_path):
     student = tiny(2)
     before = {n: p.clone() for n, p in student.named_parameters()}

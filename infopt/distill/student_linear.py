@@ -86,10 +86,27 @@ class DistillLinear(nn.Linear):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.effective_weight()
-        if self.fake_quant_group is not None:
-            w = _RoundSTE.apply(w, self.fake_quant_group)
+        if self.fake_quant_group is not None and not torch.is_grad_enabled():
+            w = self._rounded_no_grad()
+        else:
+            self.__dict__["_rounded"] = None  # training: the weights are about to change
+            w = self.effective_weight()
+            if self.fake_quant_group is not None:
+                w = _RoundSTE.apply(w, self.fake_quant_group)
         return F.linear(x, w.to(x.dtype) if w.dtype != x.dtype else w, self.bias)
+
+    def _rounded_no_grad(self) -> torch.Tensor:
+        """The rounded weight ``[N, K]`` for forwards without autograd (on-policy sampling
+        runs one per generated token), recomputed only when a weight changed in place (the
+        optimizer step) or was replaced: rounding every linear per token dominated sampling."""
+        params = [self.weight] + ([self.lora_a, self.lora_b] if self.lora_rank else [])
+        key = tuple((id(p), p._version) for p in params)
+        cached = self.__dict__.get("_rounded")
+        if cached is None or cached[0] != key:
+            w = fake_quantize_int4(self.effective_weight().detach(), self.fake_quant_group)
+            cached = (key, w.to(self.weight.dtype), params)  # params kept: ids stay unique
+            self.__dict__["_rounded"] = cached
+        return cached[1]
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged (unrounded) weight."""
