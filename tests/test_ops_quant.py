@@ -315,7 +315,8 @@ import torch, sys
 sys.path.insert(0, "tests")
 from test_ops_quant import OPS, make_args, check, call
 for op in OPS:
-    for m, k, n in ((1, 577, 129), (4, 1000, 7), (16, 64, 256), (3, 7, 5)):
+    for m, k, n in ((1, 577, 129), (4, 1000, 7), (7, 130, 33), (8, 300, 40), (16, 64, 256),
+                    (3, 7, 5)):
         for dt in (torch.float32, torch.bfloat16):
             args = make_args(op, m, k, n, dt, "cpu", gs=32 if m % 2 else 64)
             check(op, args, call(op, args, "cpp"), f"{op} {m}x{k}x{n} {dt}")

@@ -28,9 +28,13 @@ namespace {
 
 using quant::Isa;
 
-// Crossover of the GEMV tiles vs dequantize + MKL, measured: GEMV ~67 us/row vs dequantize + MKL
-// ~64 us/row at M=32 (K=N=1536, 1 thread).
+// Crossover of the GEMV tiles vs dequantize + MKL, measured. AVX-512: GEMV ~67 us/row vs
+// dequantize + MKL ~64 us/row at M=32 (K=N=1536, 1 thread). AVX2 converts and permutes twice as
+// many registers per weight, so its tiles lose much earlier: at M=8 they cost what dequantize +
+// MKL does and at M=16-31 1.4-1.8x more (1536x576, 576x1536, 8960x1536, 1536x8960; 1 thread).
+// Speculative verification (k+1 rows) and mid-size decode batches live in that range.
 constexpr int64_t kPrefillMinM = 32;
+constexpr int64_t kAvx2PrefillMinM = 8;
 
 struct Int4Args {
   const float* xp;   // [M, kp] activations permuted in blocks (see permute_x), zero padded
@@ -326,7 +330,7 @@ at::Tensor quant::int4_weight_only_linear_cpu(const at::Tensor& x, const at::Ten
     const at::Tensor xp = permute_x(xf, use512 ? 16 : 8);
     a.xp = xp.const_data_ptr<float>();
     a.kp = xp.size(1);
-    if (M < kPrefillMinM) {
+    if (M < (use512 ? kPrefillMinM : kAvx2PrefillMinM)) {
       const int64_t tiles = (N + 3) / 4;
       const int64_t grain = std::max<int64_t>(1, quant::row_grain(kb) / 4);
       at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
