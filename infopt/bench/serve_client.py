@@ -17,7 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .serve import RequestRecord, ServeRow, _stats_ms, summarize_records
+from .serve import ServeRow
+from .serve_metrics import RequestRecord, _stats_ms, summarize_records
 
 __all__ = ["run_url_bench"]
 
