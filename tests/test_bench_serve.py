@@ -159,17 +159,12 @@ def test_speculative_row_gives_the_engines_tokens():
 
 
 def test_opt_in_rows_build_their_engine_configs():
-    from infopt.api import parse_option
     from infopt.batching import EngineConfig
-    from infopt.bench.serve import _ENGINE_OPTIONS
+    from infopt.bench.serve import _ENGINE_OPTIONS, engine_fields
 
     assert set(ROWS) - set(DEFAULT_ROWS) <= set(_ENGINE_OPTIONS)
-    for opts in _ENGINE_OPTIONS.values():
-        o = dict(opts)
-        for key, option in (("speculative", "spec"), ("compile", "compile")):
-            if key in o:
-                o[key] = parse_option(option, o[key])
-        EngineConfig(**o)  # validates every field
+    for name in _ENGINE_OPTIONS:
+        EngineConfig(**engine_fields(name))  # validates every field
 
 
 def test_table_and_json_have_every_column(offline_result, tmp_path):

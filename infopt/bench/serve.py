@@ -227,17 +227,24 @@ def _run_hf_batch(model, tok, reqs, kv_tokens, max_num_seqs, max_batched):
     return records, wall
 
 
-def _run_engine(model, tok, reqs, arrivals, settings, options):
+def engine_fields(row: str) -> dict[str, Any]:
+    """The EngineConfig fields engine row ``row`` sets beyond the shared limits and pool size
+    (option aliases parsed into configs)."""
     from infopt.api import parse_option
-    from infopt.batching import Engine, EngineConfig, SamplingParams
 
-    opts = dict(options)
+    opts = dict(_ENGINE_OPTIONS.get(row, {}))
     if "speculative" in opts:
         opts["speculative"] = parse_option("spec", opts["speculative"])
     if "compile" in opts:
         # Every batch bucket compiles when the engine is built: warm-up, not serving time.
         opts["compile"] = dataclasses.replace(parse_option("compile", opts["compile"]),
                                               warmup=True)
+    return opts
+
+
+def _run_engine(model, tok, reqs, arrivals, settings, opts):
+    from infopt.batching import Engine, EngineConfig, SamplingParams
+
     engine = Engine(model, tok, EngineConfig(
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"], block_size=ENGINE_BLOCK_SIZE,
@@ -376,7 +383,7 @@ def run_serve_bench(
                                                       max_num_seqs, max_num_batched_tokens)
                     else:
                         records, wall, stats = _run_engine(m, tok, sub, arrivals, settings,
-                                                           _ENGINE_OPTIONS.get(name, {}))
+                                                           engine_fields(name))
                 _fill_row(row, records, wall, stats, peak, mem_before)
                 log(f"{name}: {row.metrics['output_tok_s']:.1f} output tok/s, TTFT p50 "
                     f"{row.metrics['ttft_ms']['p50']:.0f} ms, wall {wall:.1f} s")

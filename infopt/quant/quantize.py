@@ -246,11 +246,8 @@ def quantize_model(
     rest = targets
     if config.calibrated:
         if calib_input_ids is None and calib_data is not None:
-            is_text = isinstance(calib_data, (str, os.PathLike)) or (
-                isinstance(calib_data, (list, tuple)) and bool(calib_data)
-                and isinstance(calib_data[0], str)
-            )
-            tok = resolve_tokenizer(model, tokenizer) if is_text else tokenizer
+            is_ids = _is_token_ids(calib_data)
+            tok = tokenizer if is_ids else resolve_tokenizer(model, tokenizer)
             calib_input_ids = calibration_ids_from(
                 calib_data, tok, config.calib_samples, config.calib_seq_len, config.seed
             )
