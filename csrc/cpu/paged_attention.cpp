@@ -19,8 +19,11 @@
 // Every check runs before the parallel region: an exception thrown inside a worker cannot be
 // propagated reliably (it was seen to crash the process on some builds).
 //
-// The build has no -march flags, so the loop body is compiled twice: plain (SSE2) and with
-// target("avx2,fma"), picked once at run time; the dot products and axpys vectorize 8-wide.
+// The build has no -march flags; the loop body is picked once at run time (quant::cpu_isa(), so
+// INFOPT_CPU_ISA=scalar forces the portable one): with AVX2 + FMA and head_dim % 8 == 0 the
+// intrinsics body of paged_attention_avx2.cpp (8 keys per dot-product block, 2 rows per V
+// block); otherwise the portable body below, compiled plain (SSE2) and with target("avx2,fma").
+// Shared steps (query load, the per-page online softmax, output) live in paged_attention.h.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,82 +40,21 @@
 #include <optional>
 #include <vector>
 
+#include "paged_attention.h"
+#include "quant_common.h"
+
 namespace infopt {
 namespace {
 
-struct Dims {
-  int64_t n, hq, hkv, d, block_size, num_blocks, max_blocks;
-  int64_t kb, kt, kh, vb, vt, vh;  // cache strides (block, token, head); D is unit-stride
-};
+using paged::Args;
+using paged::Dims;
+using paged::kTile;
+using paged::TaskBuffers;
 
-// exp for the softmax, written so `#pragma omp simd` loops vectorize it (std::exp is a scalar
-// libm call and was the kernel's bottleneck for long pages). Cephes expf: x = k ln2 + r with a
-// two-constant Cody-Waite reduction, degree-5 polynomial on |r| <= ln2/2, 2^k via the exponent
-// bits; relative error ~1e-7 (about one fp32 ulp) on [-87.3, 88.7], inputs clamped to that range
-// (softmax arguments are <= 0; exp(-87.3) ~ 1e-38 stands in for 0).
-inline float exp_simd(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
-
-// tanh for the soft-cap, vectorizable like exp_simd: Cephes tanhf (odd polynomial for |x| <
-// 0.625, no cancellation near 0; 1 - 2 / (exp(2|x|) + 1) above, where exp_simd's clamp at 88.7
-// still gives 1 to fp32 precision). Both branches are computed and one is selected (no branch
-// in the loop). Error ~2 fp32 ulps. Inputs are finite scores (|x| < ~1e38 / softcap).
-inline float tanh_simd(float x) {
-  const float a = std::fabs(x);
-  const float z = x * x;
-  const float small =
-      ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-        1.33314422036e-1f) *
-           z -
-       3.33332819422e-1f) *
-          z * x +
-      x;
-  float big = 1.f - 2.f / (exp_simd(2.f * a) + 1.f);
-  big = x < 0.f ? -big : big;
-  return a < 0.625f ? small : big;
-}
-
-// Queries per task in a prefill: enough to amortize each K/V row load over many dot products,
-// few enough that a tile's accumulators stay in L1 (8 x G x D fp32).
-constexpr int64_t kTile = 8;
-
-template <typename T, typename KV>
-struct Args {
-  const T* q;
-  const KV* kc;
-  const KV* vc;
-  const float* ks;  // [num_blocks, block_size, Hkv] contiguous, or nullptr (unquantized)
-  const float* vs;
-  T* out;
-  const int32_t* bt;
-  const int64_t* tok_seq;
-  const int64_t* tok_pos;
-  const int64_t* tile_start;  // [num_tiles + 1] first query token of each tile
-  int64_t num_tiles;
-  Dims s;
-  float scale;
-  int64_t window;  // keys per query window; 0 = full causal attention
-  float softcap;   // 0 = no soft-capping
-};
-
-// Tasks [begin, end) of the (query tile, KV head) grid. A tile is up to kTile consecutive
-// queries of one sequence: each K/V row is loaded (and dequantized) once for all tile x G query
-// heads, which is what makes a chunked prefill over a long cached prefix cheap. Query i of the
-// tile sees keys lo_i ..= tok_pos[i] (lo_i = 0, or tok_pos[i] - window + 1 clamped at 0); keys
-// outside that (inside the tile's range) get probability 0.
+// Tasks [begin, end) of the (query tile, KV head) grid, portable loop body. A tile is up to
+// kTile consecutive queries of one sequence: each K/V row is loaded (and dequantized) once for
+// all tile x G query heads, which is what makes a chunked prefill over a long cached prefix
+// cheap. Keys outside a row's range (inside the tile's range) get probability 0.
 // always_inline: inlined into both the plain and the AVX2 entry points, each compiled for its ISA.
 template <typename T, typename KV>
 __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64_t begin,
@@ -124,26 +66,16 @@ __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64
   std::vector<float> qf(rows_max * d), acc(rows_max * d), scores(rows_max * bs), kv_row(d);
   std::vector<float> m(rows_max), l(rows_max);
   std::vector<int64_t> limit(rows_max), lo(rows_max);
+  const TaskBuffers w{qf.data(), acc.data(), scores.data(), m.data(), l.data(), limit.data(),
+                      lo.data()};
   float* kvr = kv_row.data();
   for (int64_t task = begin; task < end; ++task) {
     const int64_t tile = task / s.hkv, kvh = task % s.hkv;
     const int64_t t0 = a.tile_start[tile], nq = a.tile_start[tile + 1] - t0;
-    const int64_t rows = nq * g_size;
+    const int64_t rows = paged::task_begin(a, w, t0, nq, kvh);
     const int64_t b = a.tok_seq[t0];
     const int64_t kv_len = a.tok_pos[t0 + nq - 1] + 1;  // the tile's last query sees the most
     const int32_t* table = a.bt + b * s.max_blocks;
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      for (int64_t g = 0; g < g_size; ++g) {
-        const int64_t r = qi * g_size + g;
-        const T* qr = a.q + ((t0 + qi) * s.hq + kvh * g_size + g) * d;
-        for (int64_t i = 0; i < d; ++i) qf[r * d + i] = static_cast<float>(qr[i]);
-        m[r] = -std::numeric_limits<float>::infinity();
-        l[r] = 0.f;
-        limit[r] = a.tok_pos[t0 + qi];  // last key position this row may attend to
-        lo[r] = a.window > 0 ? std::max<int64_t>(0, limit[r] - a.window + 1) : 0;  // first one
-      }
-    }
-    std::fill(acc.begin(), acc.begin() + rows * d, 0.f);
     const int64_t pages = (kv_len + bs - 1) / bs;
     // The tile's first query has the earliest window: pages before its first key are skipped.
     const int64_t first_page = lo[0] / bs;
@@ -163,45 +95,7 @@ __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64
           scores[r * bs + t] = dot * a.scale;
         }
       }
-      // One rescale per page and row: m_new = max(m, page max); acc, l *= exp(m - m_new).
-      for (int64_t r = 0; r < rows; ++r) {
-        float* sg = scores.data() + r * bs;
-        // keys of this page the row may see: positions lo[r] <= p * bs + t <= limit[r]
-        const int64_t vis = std::min(ntok, limit[r] - p * bs + 1);
-        const int64_t t_lo = std::max<int64_t>(0, lo[r] - p * bs);
-        if (vis <= t_lo) {  // the whole page is in this row's future or before its window
-          std::fill(sg, sg + ntok, 0.f);
-          continue;
-        }
-        float page_max = sg[t_lo];
-        if (a.softcap > 0.f) {  // cap the visible scores: s = softcap * tanh(s / softcap)
-          const float cap = a.softcap, inv_cap = 1.f / a.softcap;
-          page_max = -std::numeric_limits<float>::infinity();
-          // a reduction clause: GCC 12 vectorizes this loop with it, not without
-#pragma omp simd reduction(max : page_max)
-          for (int64_t t = t_lo; t < vis; ++t) {
-            sg[t] = cap * tanh_simd(sg[t] * inv_cap);
-            page_max = std::max(page_max, sg[t]);
-          }
-        } else {
-          for (int64_t t = t_lo + 1; t < vis; ++t) page_max = std::max(page_max, sg[t]);
-        }
-        const float m_new = std::max(m[r], page_max);
-        const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first page
-        float psum = 0.f;
-        for (int64_t t = 0; t < t_lo; ++t) sg[t] = 0.f;
-#pragma omp simd reduction(+ : psum)
-        for (int64_t t = t_lo; t < vis; ++t) {
-          sg[t] = exp_simd(sg[t] - m_new);
-          psum += sg[t];
-        }
-        for (int64_t t = vis; t < ntok; ++t) sg[t] = 0.f;
-        l[r] = l[r] * alpha + psum;
-        m[r] = m_new;
-        float* ag = acc.data() + r * d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) ag[i] *= alpha;
-      }
+      paged::page_softmax(w, rows, d, bs, p * bs, ntok, a.softcap);
       // acc[r] += sum_t p[r, t] * v_t
       for (int64_t t = 0; t < ntok; ++t) {
         const KV* vr = a.vc + blk * s.vb + t * s.vt + kvh * s.vh;
@@ -215,14 +109,7 @@ __attribute__((always_inline)) inline void run_tasks(const Args<T, KV>& a, int64
         }
       }
     }
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      for (int64_t g = 0; g < g_size; ++g) {
-        const int64_t r = qi * g_size + g;
-        T* orow = a.out + ((t0 + qi) * s.hq + kvh * g_size + g) * d;
-        const float inv = 1.f / l[r];
-        for (int64_t i = 0; i < d; ++i) orow[i] = static_cast<T>(acc[r * d + i] * inv);
-      }
-    }
+    paged::task_end(a, w, t0, nq, kvh);
   }
 }
 
@@ -231,18 +118,12 @@ void run_tasks_plain(const Args<T, KV>& a, int64_t begin, int64_t end) {
   run_tasks(a, begin, end);
 }
 
+// The portable body compiled for AVX2 + FMA (its omp simd loops vectorize 8-wide): head dims
+// that are not a multiple of 8.
 template <typename T, typename KV>
-__attribute__((target("avx2,fma"))) void run_tasks_avx2(const Args<T, KV>& a, int64_t begin,
-                                                          int64_t end) {
+__attribute__((target("avx2,fma"))) void run_tasks_autovec_avx2(const Args<T, KV>& a,
+                                                                int64_t begin, int64_t end) {
   run_tasks(a, begin, end);
-}
-
-bool has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
 }
 
 template <typename T, typename KV>
@@ -257,10 +138,13 @@ void paged_attention_impl(const Args<T, KV>& a) {
     work += keys * s.hq * s.d;
   }
   const int64_t grain = std::max<int64_t>(1, tasks * (int64_t{1} << 18) / std::max<int64_t>(work, 1));
-  const bool avx2 = has_avx2();
+  const bool avx2 = quant::cpu_isa() >= quant::Isa::kAvx2;
+  const bool vec = avx2 && s.d % 8 == 0;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    if (avx2) {
-      run_tasks_avx2(a, begin, end);
+    if (vec) {
+      paged::run_tasks_avx2(a, begin, end);
+    } else if (avx2) {
+      run_tasks_autovec_avx2(a, begin, end);
     } else {
       run_tasks_plain(a, begin, end);
     }
