@@ -171,7 +171,7 @@ inline int64_t row_grain(int64_t k_bytes_per_row) {
 }
 
 // Large-M path: y[M, N] = x[M, K] @ Wf^T where dequant(n0, n1, dst) writes fp32 rows n0..n1 of W
-// to dst ([n1 - n0, K] row-major). Each task dequantizes ~2 MiB of W and calls
+// to dst ([n1 - n0, K] row-major). Each task dequantizes up to ~2 MiB of W and calls
 // at::mm on it (2 MiB blocks measured best: bigger MKL calls, still L2-resident on a 2 MiB-L2
 // core); inside at::parallel_for MKL runs single-threaded, so the two levels of
 // parallelism don't oversubscribe. The weight tile is reused across all M rows, so for prefill
@@ -179,8 +179,12 @@ inline int64_t row_grain(int64_t k_bytes_per_row) {
 template <typename Dequant>
 void blocked_dequant_mm(const at::Tensor& xf, int64_t n_total, int64_t k, const Dequant& dequant,
                         at::Tensor& y) {
-  const int64_t nb = std::clamp<int64_t>(round_up((1 << 19) / std::max<int64_t>(k, 1), 16), 16,
-                                         1024);
+  // At most one block per thread's share of N: a 576-row projection would otherwise be one
+  // block, run by one thread while the other cores wait.
+  const int64_t per_thread = round_up((n_total + at::get_num_threads() - 1) /
+                                          std::max<int64_t>(at::get_num_threads(), 1), 16);
+  const int64_t nb = std::clamp<int64_t>(
+      std::min(round_up((1 << 19) / std::max<int64_t>(k, 1), 16), per_thread), 16, 1024);
   const int64_t blocks = (n_total + nb - 1) / nb;
   // Worker threads of at::parallel_for do not inherit the caller's InferenceMode; without it,
   // mm_out into `y` (an inference tensor when called under torch.inference_mode) is refused.
