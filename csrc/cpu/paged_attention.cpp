@@ -6,7 +6,8 @@
 // [B + 1]. Query i of sequence b sits at position seq_lens[b] - n_b + i and attends causally.
 // Quantized pools: k/v_cache int8 or float8_e4m3fn with k/v_scale float32 [num_blocks,
 // block_size, Hkv] (one scale per token and head); a row is dequantized as it is loaded
-// (value = stored * scale), so no full-precision copy of the cache is ever made.
+// (value = stored * scale; the AVX2 body converts one page of one head at a time), so no
+// full-precision copy of the cache is ever made.
 // Sliding window (window >= 1 keys, 0 = off): query at position p attends to keys p - window < j
 // <= p; a task's page loop starts at the page of its first query's first window key, so table
 // entries before it are neither read nor validated (they may be stale). Soft-capping (softcap >
