@@ -197,3 +197,33 @@ def test_inductor_cache_goes_to_the_configured_directory(tmp_path, monkeypatch):
     Engine(build("llama"), None, EngineConfig(block_size=4, num_blocks=8, compile=CompileConfig(
         cache_dir=str(tmp_path / "other"))))  # fmt: skip
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_compiles_when_no_backend_probe_ran_yet():
+    """The first compiled step may be the first call of an op in the process (the prefill ran
+    sdpa, not the paged kernel): its backend probe loads the extension under a lock that tracing
+    cannot enter. The engine primes every probe before compiling, so the step still compiles;
+    the float32 linears run the dense_gemv kernel inside the graph. (Probe caches are cleared
+    after the prefill, as in a process where nothing has called the ops yet.)"""
+    from infopt.ops import registry
+
+    model = build("llama")
+    cfg = EngineConfig(block_size=4, num_blocks=64, max_num_seqs=2, max_num_batched_tokens=64,
+                       compile=CompileConfig(batch_buckets=(1, 2)))
+    saved = {name: dict(e.probe_cache) for name, e in registry._OPS.items()}
+    try:
+        engine = Engine(model, None, cfg)
+        engine.add_request(prompts((5,))[0], SamplingParams(max_tokens=6, min_tokens=6,
+                                                            temperature=0))
+        engine.step()  # the prefill, eager
+        for e in registry._OPS.values():
+            e.probe_cache.clear()
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        for name, e in registry._OPS.items():
+            e.probe_cache.clear()
+            e.probe_cache.update(saved[name])
+    c = engine.runner.compiled
+    assert c.disabled is None, c.disabled
+    assert c.num_compiled_steps > 0 and c.dense_gemv_layers > 0

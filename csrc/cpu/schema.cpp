@@ -9,6 +9,9 @@
 TORCH_LIBRARY(infopt, m) {
   // y = weight * to(x.dtype)(x * rsqrt(mean(x^2, -1) + eps)), fp32 math; y has x's shape/dtype.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // y [M, N] = x [M, K] @ weight[N, K]^T (+ bias [N]), float32: the few rows of a decode step
+  // (infopt/ops/dense.py).
+  m.def("dense_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // Quantized linears (semantics and packed int4 layout: infopt/ops/quant_ref.py). x [..., K]
   // float32/bfloat16/float16 -> [..., N] in x.dtype, fp32 (or exact int32) accumulation.
   //   int8 weight-only: qweight int8 [N, K], scale [N] (per output channel).

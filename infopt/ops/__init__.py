@@ -18,6 +18,7 @@ Importing this package builds nothing and imports no triton. See ``docs/ops.md``
 
 from __future__ import annotations
 
+from .dense import dense_gemv, dense_gemv_reference
 from .int4_tiled import int4_tile, int4_tiled_linear, int4_untile
 from .paged_attention import (
     paged_attention_decode,
@@ -48,6 +49,8 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "backend_report",
+    "dense_gemv",
+    "dense_gemv_reference",
     "format_backend_report",
     "get_backend",
     "int4_dynamic_linear",

@@ -80,6 +80,11 @@ def _paged_attention_fake(
     return q.new_empty(q.shape)
 
 
+def _dense_gemv_fake(x, weight, bias=None):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x must be [M, K], weight [N, K]")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def register_fakes() -> None:
     """Attach fake impls to the loaded ``infopt::*`` ops (idempotent)."""
     global _registered
@@ -87,6 +92,7 @@ def register_fakes() -> None:
         if _registered:
             return
         torch.library.register_fake("infopt::rms_norm")(_rms_norm_fake)
+        torch.library.register_fake("infopt::dense_gemv")(_dense_gemv_fake)
         torch.library.register_fake("infopt::int8_weight_only_linear")(
             _int8_weight_only_linear_fake
         )

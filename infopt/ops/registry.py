@@ -42,6 +42,7 @@ __all__ = [
     "format_backend_report",
     "get_backend",
     "kernel_call_check",
+    "prime_probes",
     "parse_backend",
     "register_op",
     "reset_backend_stats",
@@ -205,6 +206,17 @@ def _probe(entry: _OpEntry, backend: Backend, device_type: str) -> str | None:
         with _LOCK:
             entry.probe_cache.setdefault(key, reason)
     return entry.probe_cache[key]
+
+
+def prime_probes(device_type: str) -> None:
+    """Run (and cache) every registered op's backend probes for ``device_type`` now.
+
+    A probe may build or load an extension under a lock; inside ``torch.compile`` tracing that
+    cannot run (dynamo refuses the lock), so code that compiles ops calls this first.
+    """
+    for entry in list(_OPS.values()):
+        for backend in entry.impls:
+            _probe(entry, backend, device_type)
 
 
 def _why_not(entry: _OpEntry, backend: Backend, device_type: str, args: tuple) -> str | None:
