@@ -46,8 +46,8 @@ def main() -> None:
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, k)
             err = (ops.dense_gemv(x, weights[0], backend="cpp") - F.linear(x, weights[0]))
-            t_mkl = per_call(lambda w: F.linear(x, w), weights)
-            t_ker = per_call(lambda w: ops.dense_gemv(x, w, backend="cpp"), weights)
+            t_mkl = per_call(lambda w, x=x: F.linear(x, w), weights)
+            t_ker = per_call(lambda w, x=x: ops.dense_gemv(x, w, backend="cpp"), weights)
             gb = n * k * 4 / 1e9
             print(f"M={m} N x K={n} x {k}: F.linear {t_mkl * 1e6:8.1f} us ({gb / t_mkl:5.1f} GB/s)"
                   f"  dense_gemv {t_ker * 1e6:8.1f} us ({gb / t_ker:5.1f} GB/s)"
