@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -43,6 +42,8 @@ void rows_plain(const float* x, const float* w, const float* bias, float* y, int
 }
 
 #if defined(__x86_64__)
+#include <immintrin.h>
+
 INFOPT_AVX2 inline float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));

@@ -142,9 +142,13 @@ void paged_attention_impl(const Args<T, KV>& a) {
   const bool avx2 = quant::cpu_isa() >= quant::Isa::kAvx2;
   const bool vec = avx2 && s.d % 8 == 0;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
     if (vec) {
       paged::run_tasks_avx2(a, begin, end);
-    } else if (avx2) {
+      return;
+    }
+#endif
+    if (avx2) {
       run_tasks_autovec_avx2(a, begin, end);
     } else {
       run_tasks_plain(a, begin, end);

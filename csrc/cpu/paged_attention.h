@@ -175,9 +175,11 @@ INFOPT_PA_INLINE void task_end(const Args<T, KV>& a, const TaskBuffers& w, int64
 
 // The AVX2 + FMA loop body (paged_attention_avx2.cpp); callers check cpu_isa() >= kAvx2 and
 // d % 8 == 0 first.
+#if defined(__x86_64__)
 template <typename T, typename KV>
 __attribute__((target("avx2,fma"))) void run_tasks_avx2(const Args<T, KV>& a, int64_t begin,
                                                           int64_t end);
+#endif
 
 }  // namespace paged
 }  // namespace infopt

@@ -12,6 +12,8 @@
 //   the 8 accumulators stay in registers across the page's keys.
 // Results equal the portable body's up to fp32 summation order.
 
+#if defined(__x86_64__)
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
@@ -266,3 +268,5 @@ INFOPT_PA_INSTANTIATE_Q(c10::Half)
 
 }  // namespace paged
 }  // namespace infopt
+
+#endif  // __x86_64__
