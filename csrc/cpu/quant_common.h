@@ -181,8 +181,8 @@ void blocked_dequant_mm(const at::Tensor& xf, int64_t n_total, int64_t k, const 
                         at::Tensor& y) {
   // At most one block per thread's share of N: a 576-row projection would otherwise be one
   // block, run by one thread while the other cores wait.
-  const int64_t per_thread = round_up((n_total + at::get_num_threads() - 1) /
-                                          std::max<int64_t>(at::get_num_threads(), 1), 16);
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t per_thread = round_up((n_total + threads - 1) / threads, 16);
   const int64_t nb = std::clamp<int64_t>(
       std::min(round_up((1 << 19) / std::max<int64_t>(k, 1), 16), per_thread), 16, 1024);
   const int64_t blocks = (n_total + nb - 1) / nb;

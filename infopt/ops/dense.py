@@ -101,7 +101,7 @@ class DenseGemvLinear(torch.nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
         rows = input.numel() // max(input.shape[-1], 1)
         training = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
-        if rows > MAX_ROWS or input.dtype != torch.float32 or input.dim() < 1 or training:
+        if rows > MAX_ROWS or input.dtype != torch.float32 or training:
             return F.linear(input, self.weight, self.bias)  # the kernel is inference-only
         y = dense_gemv(input.reshape(rows, input.shape[-1]), self.weight, self.bias)
         return y.reshape(*input.shape[:-1], self.out_features)
