@@ -541,6 +541,28 @@ def test_cpp_int4_limb_kernel_integer_extremes():
     assert (10 * torch.log10(1 / err) > 100).all(), 10 * torch.log10(1 / err)
 
 
+def test_cpp_int4_limb_kernel_avx2_tiles():
+    """The two limb-kernel tests above and M = 1..9 (the AVX2 three-limb GEMV runs up to M = 8,
+    the fp32 tiles from 9) under INFOPT_CPU_ISA=avx2: the vpmaddubsw limb tiles, which an
+    AVX-512 VNNI machine otherwise never runs."""
+    _require("int4_weight_only_linear", "cpu", "cpp")
+    code = """
+import sys, torch, pytest
+sys.path.insert(0, "tests")
+from test_ops_quant import make_args, check, call
+op = "int4_weight_only_linear"
+for m in range(1, 10):
+    for k, n, gs in ((577, 9, 32), (1000, 7, 64), (1536, 13, 128), (640, 6, 256)):
+        args = make_args(op, m, k, n, torch.float32, "cpu", gs=gs, seed=m * k)
+        check(op, args, call(op, args, "cpp"), f"avx2 {m}x{k}x{n} g{gs}")
+rc = pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_ops_quant.py",
+                  "-k", "limb_kernel_integer_extremes or propagates_non_finite"])
+print("ok" if rc == 0 else f"pytest rc {rc}")
+"""
+    out = run_python(code, env={"INFOPT_CPU_ISA": "avx2"})
+    assert "ok" in out.splitlines()[-1], out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_reference_activation_codes_match_across_devices():
     """The references quantize activations identically on CPU and CUDA (IEEE ``amax / 127``,

@@ -19,25 +19,13 @@
 // integers, sum (code - zero) * xq = dot - zero * sum xq (exact in fp32: all below 2^24, so a
 // code equal to its zero contributes exactly 0, as in the reference), then the two scales.
 //
-// AVX2 (CPUs without VNNI, one limb only): vpmaddubsw multiplies 32 (unsigned nibble, signed
-// int8) pairs into int16 pair sums and vpmaddwd against ones widens them to int32 (llama.cpp's
-// Q4 x Q8 AVX2 dot product). Taking the 64-byte chunk as two 32-byte halves, lane j of half h
-// then sums the same bytes as AVX-512 lane 8h + j, so the activation layout, lane scales and
-// lane sums above serve unchanged. Nothing saturates: a pair sum is at most 2 * 15 * 127 = 3810,
-// the low- plus high-nibble sum 7620. The fp32 int4 tiles spend a widen, two converts and two
-// FMAs per 16 weights and activation row; here 8 ops (2 maddubs, an add, a madd, a convert and
-// three for the zero point and the two scales) cover 64, the nibble split shared by the tile's
-// activation rows: 1.8-4.1x the fp32 tiles up to M = 16 and 1.1-1.35x at M = 32 on an AVX2 EPYC,
-// past which dequantize + MKL wins. With 16 ymm registers a tile keeps only its accumulators in
-// registers (activations are read from L1), and a row's partial last chunk reads on into the
-// next rows' bytes (they meet zero activation codes), copying only at the end of the matrix.
-// Tried and ~20% slower there: subtracting the zero point from the nibbles (maddubs(|x|,
-// sign(w, x))) and merging the halves with vphaddw before one convert, which trades the float
-// work for sign and shuffle ops.
+// AVX2 (CPUs without VNNI): vpmaddubsw + vpmaddwd in place of vpdpbusd, in
+// quant_int4_dyn_avx2.cpp with its measurements; the activation layout, lane scales and lane
+// sums here serve unchanged, for one limb and for three.
 // Large M (prefill), group sizes that do not tile 128 and CPUs without AVX2 dequantize xhat to
 // fp32 and run the int4 weight-only op on it: the same math (quant_common.h).
 
-#include "quant_common.h"
+#include "quant_int4_dyn.h"
 
 #include <cmath>
 #include <cstring>
@@ -50,36 +38,19 @@ namespace infopt {
 namespace {
 
 using quant::Isa;
+using namespace dyn;
 
-constexpr int64_t kBlock = 32;   // activation quantization block along K
-constexpr int64_t kChunk = 128;  // k per decode step of a row: 64 packed bytes
 // GEMV tiles below this M, dequantized xhat + the int4 weight-only op (MKL) from it on.
 constexpr int64_t kPrefillMinM = 32;
 // Largest M for the AVX2 tiles (CPUs without VNNI): at M = 32 they beat the fallback on all
 // five measured shapes (1.08-1.50x), at M = 64 on two of five (0.89-1.19x); see docs/ops.md.
 constexpr int64_t kAvx2MaxM = 32;
-
-struct DynArgs {
-  const int8_t* xq;  // [L, M, C * 128] codes, per chunk [64 even k | 64 odd k], zero padded
-  const float* xs;   // [M, C, 16] lane scales of the last limb: lane i of chunk c = block 4c + i / 4
-  const float* xsum; // [M, C, 16] per-lane sums of the merged codes (for the zero points)
-  int64_t C;         // chunks per row: ceil(K / 128)
-  const uint8_t* w;  // [N, kb] packed codes
-  const float* s;    // [N, G]
-  const uint8_t* z;  // [N, G]
-  const float* b;    // [N] or nullptr
-  float* y;          // [M, N] fp32
-  int64_t M, N, K, G, gs, kb;
-};
-
-// Limbs: x ~= s1 q1 + s2 q2 + s3 q3 per block, s2 = s1 / 128, s3 = s2 / 128 (exact powers of
-// two; each residual is at most half the previous step, so |q2|, |q3| <= 64). One limb is the
-// int8 rounding of int4_dynamic_linear; three represent x to ~2^-22 of its block maximum, about
-// an fp32 sum's precision, which is how int4_weight_only_linear uses the same kernel. The ratio
-// 128 lets the kernel merge the limbs in integers, D = (d1 * 128 + d2) * 128 + d3 = sum code *
-// (16384 q1 + 128 q2 + q3) (< 2^28 per lane: 8 products of at most 15 * 127 * 16513), scaled
-// once by s3: a third of the float work of three separately scaled dot products.
-constexpr int kMaxLimbs = 3;
+// Largest M for int4_weight_only_linear's three-limb GEMV on AVX2 (CPUs without VNNI). Against
+// quant_int4.cpp's fp32 tiles (M < 8) / dequantize + MKL, 2 threads of an AVX2 EPYC, g128, on
+// 1536x1536, 1536x8960, 8960x1536, 576x1536, 1536x576: M = 1 1.4-1.9x, M = 2-3 1.5-2.6x,
+// M = 4 0.92-1.15x (the fp32 tiles' 4 x 4 tile), M = 6 1.3-1.6x, M = 8 1.0-1.8x; M = 12
+// 0.77-1.46x (MKL wins on the two large shapes), M = 16 0.63-1.12x.
+constexpr int64_t kAvx2ExactMaxM = 8;
 
 // Block scales exactly as quant_ref.quantize_blockwise_int8: amax / 127 in fp32, 1 for an
 // all-zero block (whose codes are then 0); codes round_half_even(x / scale) clamped to +-127.
@@ -89,7 +60,7 @@ struct QuantOut {
   float* bs;   // [M, C * 4] block scales (of limb 1)
   float* xs;   // [M, C, 16] lane scales of the last limb (lane i of chunk c: block 4c + i / 4),
                // or nullptr: the only scale the kernel needs once the limbs are merged
-  int L;       // limbs (1 or 3; 3 only with permuted and AVX-512)
+  int L;       // limbs (1 or 3; 3 only with permuted)
 };
 
 void quantize_row_scalar(const float* xr, int64_t K, int64_t nb, bool permuted, int8_t* qr,
@@ -163,58 +134,6 @@ INFOPT_AVX512 void quantize_row_avx512(const float* xr, int64_t K, int64_t nb, b
 }
 #endif
 
-#if defined(__x86_64__)
-// AVX2 (8 lanes): the same math a 32-block at a time (vdivps is IEEE, vroundps rounds half to
-// even). The 32 int32 codes are packed to bytes in natural k order, then one in-lane byte
-// shuffle and a qword permute give [16 even | 16 odd] for the permuted layout. One limb only.
-INFOPT_AVX2 void quantize_row_avx2(const float* xr, int64_t K, int64_t nb, bool permuted,
-                                   int8_t* qr, float* bs) {
-  const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  // packs_epi32 + packs_epi16 leave the dwords (4 k each) in order 0, 8, 16, 24, 4, 12, 20, 28.
-  const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t k0 = blk * kBlock, left = K - k0;
-    __m256 v[4];
-    if (left >= kBlock) {
-      for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xr + k0 + 8 * j);
-    } else {  // a partial or padding block: zeros past K, nothing past the row is read
-      float tmp[kBlock] = {};
-      if (left > 0) std::memcpy(tmp, xr + k0, static_cast<size_t>(left) * sizeof(float));
-      for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(tmp + 8 * j);
-    }
-    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
-                             _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4);
-    const float sc = left <= 0 ? 0.f : amax > 0.f ? amax / 127.0f : 1.0f;
-    bs[blk] = sc;
-    const __m256 sv = _mm256_set1_ps(left <= 0 ? 1.f : sc);  // padding: codes 0, not NaN
-    __m256i q[4];
-    for (int j = 0; j < 4; ++j) {
-      const __m256 r = _mm256_round_ps(_mm256_div_ps(v[j], sv),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      q[j] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
-    }
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    p = _mm256_permutevar8x32_epi32(p, natural);
-    if (!permuted) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k0), p);
-      continue;
-    }
-    // Per 128-bit lane [8 even | 8 odd], then qwords (0, 2, 1, 3): [16 even | 16 odd].
-    p = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(p, split), 0xD8);
-    const int64_t base = k0 - k0 % kChunk, bi = (k0 % kChunk) / kBlock;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + base + 16 * bi), _mm256_castsi256_si128(p));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + base + 64 + 16 * bi),
-                     _mm256_extracti128_si256(p, 1));
-  }
-}
-#endif
 
 #if defined(__x86_64__)
 // True if no element of x[0, n) is NaN or +-inf.
@@ -237,7 +156,7 @@ void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
   const int64_t nb = C * (kChunk / kBlock);
   const float* x = xf.const_data_ptr<float>();
   const bool avx512 = quant::cpu_isa() >= Isa::kAvx512;
-  const bool avx2 = quant::cpu_isa() >= Isa::kAvx2 && o.L == 1;
+  const bool avx2 = quant::cpu_isa() >= Isa::kAvx2;
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * K;
@@ -247,7 +166,7 @@ void quantize_x(const at::Tensor& xf, bool permuted, const QuantOut& o) {
       if (avx512)
         quantize_row_avx512(xr, K, nb, permuted, qr, bs, o.L, M * C * kChunk);
       else if (avx2)
-        quantize_row_avx2(xr, K, nb, permuted, qr, bs);
+        quantize_row_avx2(xr, K, nb, permuted, qr, bs, o.L, M * C * kChunk);
       else
 #endif
         quantize_row_scalar(xr, K, nb, permuted, qr, bs);
@@ -363,161 +282,6 @@ INFOPT_AVX512VNNI void dyn3_tile_vnni(const DynArgs& a, int64_t n0, int64_t m0) 
 INFOPT_TILE_RANGE(dyn_range_vnni, DynArgs, dyn_tile_vnni, INFOPT_AVX512VNNI)
 INFOPT_TILE_RANGE(dyn3_range_vnni, DynArgs, dyn3_tile_vnni, INFOPT_AVX512VNNI)
 
-// ---- AVX2: one limb, vpmaddubsw + vpmaddwd in place of vpdpbusd ----
-// A 128-k chunk is processed as two 32-byte halves. maddubs multiplies unsigned nibbles by
-// signed codes and adds adjacent pairs to int16 (|pair| <= 2 * 15 * 127 = 3810; the low- and
-// high-nibble products added, <= 7620: never saturates), then madd_epi16 with ones adds pairs to
-// int32, so lane j of half h sums bytes 4j..4j+3 of the half: AVX-512 lane 8h + j. The VNNI
-// activation layout, lane scales and lane sums serve unchanged.
-
-INFOPT_AVX2 void lane_sums_avx2(const int8_t* xq, int64_t M, int64_t C, float* out) {
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t c = 0; c < C; ++c)
-      for (int h = 0; h < 2; ++h) {
-        const int8_t* xr = xq + (m * C + c) * kChunk + 32 * h;
-        const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
-        const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64));
-        const __m256i s16 =
-            _mm256_add_epi16(_mm256_maddubs_epi16(ones8, e), _mm256_maddubs_epi16(ones8, o));
-        _mm256_storeu_ps(out + (m * C + c) * 16 + 8 * h,
-                         _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones16)));
-      }
-}
-
-INFOPT_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Weight scale and zero point per lane of both halves of a chunk whose first group is g0, for
-// GPC groups per chunk (lane j of half h: k in [64h + 8j, 64h + 8j + 8)). GPC 1: one group;
-// 2 (gs 64): one per half; 4 (gs 32): one per 128-bit lane. Groups past G (padding lanes, whose
-// activations are 0) read as 0.
-template <int GPC>
-INFOPT_AVX2 inline void lane_groups_avx2(const DynArgs& a, int64_t n, int64_t g0, __m256 sw[2],
-                                         __m256 zw[2]) {
-  const float* s = a.s + n * a.G;
-  const uint8_t* z = a.z + n * a.G;
-  if (GPC == 1) {
-    sw[0] = sw[1] = _mm256_set1_ps(s[g0]);
-    zw[0] = zw[1] = _mm256_set1_ps(static_cast<float>(z[g0]));
-    return;
-  }
-  float sv[4], zv[4];
-  for (int j = 0; j < GPC; ++j) {
-    const bool in = g0 + j < a.G;
-    sv[j] = in ? s[g0 + j] : 0.f;
-    zv[j] = in ? static_cast<float>(z[g0 + j]) : 0.f;
-  }
-  for (int h = 0; h < 2; ++h) {
-    const int ja = GPC == 2 ? h : 2 * h, jb = GPC == 2 ? h : 2 * h + 1;
-    sw[h] = _mm256_setr_m128(_mm_set1_ps(sv[ja]), _mm_set1_ps(sv[jb]));
-    zw[h] = _mm256_setr_m128(_mm_set1_ps(zv[ja]), _mm_set1_ps(zv[jb]));
-  }
-}
-
-// NR weight rows x MR activation rows. Per chunk each weight row is loaded and split into
-// nibbles once, then used by the tile's MR activation rows (read from L1 as memory operands);
-// only the MR x NR accumulators stay in registers (16 ymm, against VNNI's 32 zmm).
-template <int NR, int MR, int GPC>
-INFOPT_AVX2 void dyn_tile_avx2(const DynArgs& a, int64_t n0, int64_t m0) {
-  __m256 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
-  const __m256i nib = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);
-  // Group of the chunk's first lane, without a division per chunk: GPC groups per chunk, or
-  // (GPC 1, gs a multiple of 128) one group per gs / 128 chunks.
-  const int64_t cpg = GPC == 1 ? a.gs / kChunk : 1;
-  int64_t g0 = 0, cleft = cpg;
-  for (int64_t c = 0; c < a.C; ++c) {
-    const int64_t k0 = c * kChunk;
-    const int64_t bytes = std::min<int64_t>(64, a.kb - k0 / 2);
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* p = a.w + (n0 + r) * a.kb + k0 / 2;
-      _mm_prefetch(reinterpret_cast<const char*>(p + quant::kPrefetchAhead), _MM_HINT_T1);
-      __m256i v[2];
-      // A row's partial last chunk reads on into the following rows' bytes: their nibbles
-      // meet activation codes that are zero (padding past K), so they add nothing. Only where
-      // fewer than 64 bytes of the matrix are left is the chunk copied, so nothing past the
-      // tensor is read.
-      if (bytes == 64 || (a.N - n0 - r) * a.kb - k0 / 2 >= 64) {
-        v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        v[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-      } else {
-        alignas(32) uint8_t tmp[64] = {};
-        std::memcpy(tmp, p, static_cast<size_t>(bytes));
-        v[0] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
-        v[1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp + 32));
-      }
-      __m256 sw[2], zw[2];
-      lane_groups_avx2<GPC>(a, n0 + r, g0, sw, zw);
-      __m256i lo[2], hi[2];
-      for (int h = 0; h < 2; ++h) {
-        lo[h] = _mm256_and_si256(v[h], nib);
-        hi[h] = _mm256_and_si256(_mm256_srli_epi16(v[h], 4), nib);
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const int8_t* xr = a.xq + ((m0 + i) * a.C + c) * kChunk;
-        const int64_t li = ((m0 + i) * a.C + c) * 16;
-        for (int h = 0; h < 2; ++h) {
-          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * h));
-          const __m256i xo =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64 + 32 * h));
-          const __m256i p16 =
-              _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xe), _mm256_maddubs_epi16(hi[h], xo));
-          const __m256i d = _mm256_madd_epi16(p16, ones16);
-          // As the VNNI tile: (dot - zero * sum xq) exact in fp32, then the two scales.
-          const __m256 q = _mm256_fnmadd_ps(zw[h], _mm256_loadu_ps(a.xsum + li + 8 * h),
-                                            _mm256_cvtepi32_ps(d));
-          acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(q, _mm256_loadu_ps(a.xs + li + 8 * h)),
-                                      sw[h], acc[i][r]);
-        }
-      }
-    }
-    if (GPC > 1) {
-      g0 += GPC;
-    } else if (--cleft == 0) {
-      ++g0;
-      cleft = cpg;
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) {
-      const int64_t n = n0 + r, m = m0 + i;
-      const float dot = hsum256(acc[i][r]);
-      a.y[m * a.N + n] = a.b ? dot + a.b[n] : dot;
-    }
-}
-
-// Tiles: 4 weight rows for one activation row (decode); for several, one weight row x up to 4
-// activation rows. Two weight rows x 4 (8 accumulators) measured slower: GCC then keeps the
-// activation vectors shared by the two rows in registers and spills them (16 ymm on AVX2).
-template <int GPC>
-INFOPT_AVX2 void dyn_range_avx2_g(const DynArgs& a, int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  if (a.M == 1) {
-    for (; n + 4 <= n_end; n += 4) dyn_tile_avx2<4, 1, GPC>(a, n, 0);
-    for (; n < n_end; ++n) dyn_tile_avx2<1, 1, GPC>(a, n, 0);
-    return;
-  }
-  for (; n < n_end; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) dyn_tile_avx2<1, 4, GPC>(a, n, m);
-    for (; m + 2 <= a.M; m += 2) dyn_tile_avx2<1, 2, GPC>(a, n, m);
-    for (; m < a.M; ++m) dyn_tile_avx2<1, 1, GPC>(a, n, m);
-  }
-}
-
-INFOPT_AVX2 void dyn_range_avx2(const DynArgs& a, int64_t n_begin, int64_t n_end) {
-  if (a.gs == 32) return dyn_range_avx2_g<4>(a, n_begin, n_end);
-  if (a.gs == 64) return dyn_range_avx2_g<2>(a, n_begin, n_end);
-  dyn_range_avx2_g<1>(a, n_begin, n_end);  // gs a multiple of 128 (tiles_ok)
-}
 
 #endif  // __x86_64__
 
@@ -528,12 +292,13 @@ bool tiles_ok(int64_t gs) {
 
 // The int8-dot decode GEMV with `limbs` activation limbs on validated arguments (xf = x as
 // fp32 [M, K], M > 0, K > 0, N > 0, tiles_ok(gs)): AVX-512 VNNI tiles when `vnni`, else the
-// AVX2 tiles (one limb only).
+// AVX2 tiles.
 at::Tensor dot_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor& qweight,
                     const at::Tensor& scale, const at::Tensor& zero, int64_t gs,
                     const std::optional<at::Tensor>& bias, int limbs, bool vnni) {
 #if defined(__x86_64__)
-  TORCH_CHECK(vnni || limbs == 1, "infopt: the AVX2 int8-dot GEMV takes one limb");
+  TORCH_CHECK(limbs == 1 || limbs == kMaxLimbs, "infopt: int8-dot GEMV limbs must be 1 or ",
+              kMaxLimbs, ", got ", limbs);
   const int64_t M = xf.size(0), K = xf.size(1), N = qweight.size(0);
   const int64_t C = (K + kChunk - 1) / kChunk, G = (K + gs - 1) / gs, nb = C * (kChunk / kBlock);
   at::Tensor q = at::empty({limbs, M, C * kChunk}, xf.options().dtype(at::kChar));
@@ -549,12 +314,12 @@ at::Tensor dot_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor&
   if (vnni)
     lane_sums(q.const_data_ptr<int8_t>(), M, C, limbs, xsum.mutable_data_ptr<float>());
   else
-    lane_sums_avx2(q.const_data_ptr<int8_t>(), M, C, xsum.mutable_data_ptr<float>());
+    lane_sums_avx2(q.const_data_ptr<int8_t>(), M, C, limbs, xsum.mutable_data_ptr<float>());
   const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>(),
                   xsum.const_data_ptr<float>(), C, w.const_data_ptr<uint8_t>(),
                   s.const_data_ptr<float>(), z.const_data_ptr<uint8_t>(),
                   b.defined() ? b.const_data_ptr<float>() : nullptr,
-                  out.acc.mutable_data_ptr<float>(), M, N, K, G, gs, (K + 1) / 2};
+                  out.acc.mutable_data_ptr<float>(), M, N, K, G, gs, (K + 1) / 2, limbs};
   const int64_t tiles = (N + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, quant::row_grain(a.kb) / 4);
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -602,8 +367,9 @@ at::Tensor int4_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& qweigh
 }  // namespace
 
 bool quant::int4_exact_gemv_ok(int64_t M, int64_t K, int64_t N, int64_t gs) {
-  return K > 0 && M > 0 && M < kPrefillMinM && N > 0 && tiles_ok(gs) &&
-         quant::cpu_isa() >= Isa::kAvx512Vnni;
+  if (!(K > 0 && M > 0 && N > 0 && tiles_ok(gs))) return false;
+  const Isa isa = quant::cpu_isa();
+  return isa >= Isa::kAvx512Vnni ? M < kPrefillMinM : isa >= Isa::kAvx2 && M <= kAvx2ExactMaxM;
 }
 
 at::Tensor quant::int4_exact_gemv(const at::Tensor& x, const at::Tensor& xf,
@@ -613,9 +379,13 @@ at::Tensor quant::int4_exact_gemv(const at::Tensor& x, const at::Tensor& xf,
 #if defined(__x86_64__)
   // Limbs cannot carry NaN / inf: such inputs take the caller's fp32 path, which propagates
   // them as the reference does.
-  if (!all_finite(xf.const_data_ptr<float>(), xf.numel())) return at::Tensor();
+  const bool vnni = quant::cpu_isa() >= Isa::kAvx512Vnni;
+  const float* xp = xf.const_data_ptr<float>();
+  if (!(vnni ? all_finite(xp, xf.numel()) : all_finite_avx2(xp, xf.numel()))) return at::Tensor();
+  return dot_gemv(x, xf, qweight, scale, zero, gs, bias, kMaxLimbs, vnni);
+#else
+  return at::Tensor();
 #endif
-  return dot_gemv(x, xf, qweight, scale, zero, gs, bias, kMaxLimbs, true);
 }
 
 TORCH_LIBRARY_IMPL(infopt, CPU, m) { m.impl("int4_dynamic_linear", &int4_dynamic_linear_cpu); }
