@@ -542,16 +542,16 @@ def test_cpp_int4_limb_kernel_integer_extremes():
 
 
 def test_cpp_int4_limb_kernel_avx2_tiles():
-    """The two limb-kernel tests above and M = 1..9 (the AVX2 three-limb GEMV runs up to M = 8,
-    the fp32 tiles from 9) under INFOPT_CPU_ISA=avx2: the vpmaddubsw limb tiles, which an
-    AVX-512 VNNI machine otherwise never runs."""
+    """The two limb-kernel tests above and M = 1..11 (the AVX2 three-limb GEMV runs up to
+    M = 10, dequantize + MKL from 11) under INFOPT_CPU_ISA=avx2: the vpmaddubsw limb tiles,
+    which an AVX-512 VNNI machine otherwise never runs."""
     _require("int4_weight_only_linear", "cpu", "cpp")
     code = """
 import sys, torch, pytest
 sys.path.insert(0, "tests")
 from test_ops_quant import make_args, check, call
 op = "int4_weight_only_linear"
-for m in range(1, 10):
+for m in range(1, 12):
     for k, n, gs in ((577, 9, 32), (1000, 7, 64), (1536, 13, 128), (640, 6, 256)):
         args = make_args(op, m, k, n, torch.float32, "cpu", gs=gs, seed=m * k)
         check(op, args, call(op, args, "cpp"), f"avx2 {m}x{k}x{n} g{gs}")

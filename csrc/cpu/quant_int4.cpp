@@ -7,7 +7,7 @@
 // Small M with group sizes that tile 128: quant_int4_dyn.cpp's int8-dot GEMV with x split into
 // three int8 limbs per 32-block (fp32-grade: ~2^-22 of the block max). With AVX-512 VNNI (M < 32)
 // ~1.2x the tiles below, which are bound by their shuffle port, not by memory; on AVX2
-// (vpmaddubsw, M <= 8) 1.04-2.4x the AVX2 tiles / dequantize + MKL, which convert every weight
+// (vpmaddubsw, M <= 10) 1.04-2.4x the AVX2 tiles / dequantize + MKL, which convert every weight
 // to fp32.
 // Small M otherwise (decode GEMV, 0.5 byte per weight): dequantization happens in registers.
 // AVX-512 builds, once per (row, group), a 16-entry table lut[c] = (c - zero) * scale (exactly

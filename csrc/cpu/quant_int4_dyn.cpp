@@ -48,9 +48,10 @@ constexpr int64_t kAvx2MaxM = 32;
 // Largest M for int4_weight_only_linear's three-limb GEMV on AVX2 (CPUs without VNNI). Against
 // quant_int4.cpp's fp32 tiles (M < 8) / dequantize + MKL, 2 threads of an AVX2 EPYC, g128, on
 // 1536x1536, 1536x8960, 8960x1536, 576x1536, 1536x576: M = 1 1.4-1.9x, M = 2-3 1.5-2.6x,
-// M = 4 0.92-1.15x (the fp32 tiles' 4 x 4 tile), M = 6 1.3-1.6x, M = 8 1.0-1.8x; M = 12
-// 0.77-1.46x (MKL wins on the two large shapes), M = 16 0.63-1.12x.
-constexpr int64_t kAvx2ExactMaxM = 8;
+// M = 4 0.92-1.15x (the fp32 tiles' 4 x 4 tile), M = 6 1.3-1.6x, M = 8 1.0-1.8x, M = 9
+// 1.06-1.5x, M = 10 0.99-1.48x; M = 12 0.77-1.46x (MKL wins on the two large shapes), M = 16
+// 0.63-1.12x. 10 covers speculative verification of up to 9 tokens (adaptive k <= 8).
+constexpr int64_t kAvx2ExactMaxM = 10;
 
 // Block scales exactly as quant_ref.quantize_blockwise_int8: amax / 127 in fp32, 1 for an
 // all-zero block (whose codes are then 0); codes round_half_even(x / scale) clamped to +-127.
