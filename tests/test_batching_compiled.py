@@ -154,6 +154,35 @@ def test_compile_config_errors_name_the_field():
                                                    compile=CompileConfig()))
     assert CompileConfig.from_dict(CompileConfig(batch_buckets=(1, 8)).to_dict()) == \
         CompileConfig(batch_buckets=(1, 8))
+    with pytest.raises(ValueError, match="lean_guards"):
+        CompileConfig(lean_guards=1)
+    # A version-1 dict (saved before lean_guards existed) keeps every guard, as it compiled.
+    v1 = CompileConfig().to_dict()
+    v1 = {**v1, "version": 1, "fields": {k: v for k, v in v1["fields"].items()
+                                         if k != "lean_guards"}}
+    assert CompileConfig.from_dict(v1) == CompileConfig(lean_guards=False)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_lean_guards_on_and_off_give_the_eager_tokens(lean):
+    """lean_guards drops dynamo's module guards and inductor's input asserts: the output must
+    not change, and a second generate call must reuse the graph (no recompile)."""
+    model = build("llama")
+    cfg = dict(block_size=4, num_blocks=64, max_num_seqs=2)
+    _, eager = run(model, EngineConfig(**cfg), prompts((4, 13)))
+    engine, compiled = run(model, EngineConfig(**cfg, compile=CompileConfig(
+        batch_buckets=(2,), lean_guards=lean)), prompts((4, 13)))
+    assert compiled == eager
+    c = engine.runner.compiled
+    steps = c.num_compiled_steps
+    from torch._dynamo.utils import counters
+
+    compiled_frames = counters["frames"]["ok"]
+    again = engine.generate(prompts((4, 13)), SamplingParams(max_tokens=16, min_tokens=16,
+                                                              temperature=0), use_tqdm=False)
+    assert [list(o.token_ids) for o in again] == eager
+    assert c.num_compiled_steps > steps
+    assert counters["frames"]["ok"] == compiled_frames  # nothing was compiled again
 
 
 def test_compile_composes_with_prompt_lookup_speculation():

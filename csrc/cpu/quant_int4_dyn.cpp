@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -302,22 +303,26 @@ at::Tensor dot_gemv(const at::Tensor& x, const at::Tensor& xf, const at::Tensor&
               kMaxLimbs, ", got ", limbs);
   const int64_t M = xf.size(0), K = xf.size(1), N = qweight.size(0);
   const int64_t C = (K + kChunk - 1) / kChunk, G = (K + gs - 1) / gs, nb = C * (kChunk / kBlock);
-  at::Tensor q = at::empty({limbs, M, C * kChunk}, xf.options().dtype(at::kChar));
-  at::Tensor bs = at::empty({M, nb}, xf.options());
-  at::Tensor xs = at::empty({M, nb * 4}, xf.options());
-  quantize_x(xf, true,
-             {q.mutable_data_ptr<int8_t>(), bs.mutable_data_ptr<float>(),
-              xs.mutable_data_ptr<float>(), limbs});
+  // Activation codes, block / lane scales and lane sums: per-call scratch of a few KiB in
+  // buffers kept per thread (a decode step makes hundreds of these calls; four tensor
+  // allocations each were ~3 % of a SmolLM2 step).
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<float> f_buf;
+  q_buf.resize(static_cast<size_t>(limbs * M * C * kChunk));
+  f_buf.resize(static_cast<size_t>(M * nb * 5 + M * C * 16));
+  int8_t* q = q_buf.data();
+  float* bs = f_buf.data();
+  float* xs = bs + M * nb;
+  float* xsum = xs + M * nb * 4;
+  quantize_x(xf, true, {q, bs, xs, limbs});
   quant::Out out(x, M, N);
   const at::Tensor w = qweight.contiguous(), z = zero.contiguous(), s = quant::f32c(scale);
   const at::Tensor b = bias ? quant::f32c(*bias) : at::Tensor();
-  at::Tensor xsum = at::empty({M, C * 16}, xf.options());
   if (vnni)
-    lane_sums(q.const_data_ptr<int8_t>(), M, C, limbs, xsum.mutable_data_ptr<float>());
+    lane_sums(q, M, C, limbs, xsum);
   else
-    lane_sums_avx2(q.const_data_ptr<int8_t>(), M, C, limbs, xsum.mutable_data_ptr<float>());
-  const DynArgs a{q.const_data_ptr<int8_t>(), xs.const_data_ptr<float>(),
-                  xsum.const_data_ptr<float>(), C, w.const_data_ptr<uint8_t>(),
+    lane_sums_avx2(q, M, C, limbs, xsum);
+  const DynArgs a{q, xs, xsum, C, w.const_data_ptr<uint8_t>(),
                   s.const_data_ptr<float>(), z.const_data_ptr<uint8_t>(),
                   b.defined() ? b.const_data_ptr<float>() : nullptr,
                   out.acc.mutable_data_ptr<float>(), M, N, K, G, gs, (K + 1) / 2, limbs};

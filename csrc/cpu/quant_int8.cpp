@@ -110,6 +110,23 @@ INFOPT_AVX2 void int8_tile_avx2(const Int8Args& a, int64_t n0, int64_t m0) {
   const float* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = a.x + (m0 + i) * a.K;
   int64_t k = 0;
+  // As the AVX-512 tile: one cache line of each weight row per step, the line kPrefetchAhead
+  // bytes on requested into L2 (without it the SmolLM2 / Qwen2.5 int8 heads, 576 / 1536-byte
+  // rows, streamed at 12 GB/s on an AVX2 EPYC).
+  for (; k + 64 <= a.K; k += 64) {
+    for (int r = 0; r < NR; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + quant::kPrefetchAhead), _MM_HINT_T1);
+    for (int j = 0; j < 64; j += 8) {
+      __m256 wv[NR];
+      for (int r = 0; r < NR; ++r)
+        wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[r] + k + j))));
+      for (int i = 0; i < MR; ++i) {
+        const __m256 xv = _mm256_loadu_ps(xr[i] + k + j);
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_fmadd_ps(xv, wv[r], acc[i][r]);
+      }
+    }
+  }
   for (; k + 8 <= a.K; k += 8) {
     __m256 wv[NR];
     for (int r = 0; r < NR; ++r)
