@@ -242,6 +242,21 @@ def test_collect_stats_matches_direct_computation():
     assert torch.equal(run_block(blocks[0], *chunks[0]), out)
 
 
+def test_collect_stats_first_token_weight():
+    """first_token_weight counts each sequence's position 0 w times in the covariance only."""
+    model = _tiny()
+    _, blocks = find_blocks(model)
+    chunks = capture_block_inputs(model, blocks, CALIB, batch_size=3)
+    (st,) = collect_stats(blocks[0], [TARGETS[:3]], chunks, first_token_weight=5.0)
+    hs = [blocks[0].input_layernorm(h) for h, _ in chunks]  # [B, T, 64] each
+    xs = torch.cat([h.reshape(-1, 64) for h in hs])
+    x0 = torch.cat([h[:, 0] for h in hs])
+    assert st.tokens == 64
+    want = (xs.t() @ xs + 4.0 * x0.t() @ x0) / 64
+    assert torch.allclose(st.cov, want, atol=1e-5)
+    assert torch.allclose(st.mean_abs, xs.abs().mean(0), atol=1e-6)
+
+
 @pytest.mark.parametrize("tile", [7, 16, 64])
 def test_collect_stats_tiled_gram_matches_full(monkeypatch, tile):
     # Tiles of 7 over the MLP's K = 96 (ragged last tile) and its K = 64 inputs; 64: one tile.

@@ -81,9 +81,16 @@ class InputStats:
 
 @torch.no_grad()
 def collect_stats(
-    block: nn.Module, groups: list[list[str]], chunks: BlockInputs, with_cov: bool = True
+    block: nn.Module, groups: list[list[str]], chunks: BlockInputs, with_cov: bool = True,
+    first_token_weight: float = 1.0,
 ) -> list[InputStats]:
-    """Run ``block`` on every chunk, accumulating :class:`InputStats` per input group."""
+    """Run ``block`` on every chunk, accumulating :class:`InputStats` per input group.
+
+    ``first_token_weight``: the covariance counts position 0 of every calibration sequence
+    (inputs ``[B, T, K]``) this many times instead of once (GPTQ's attention-sink weighting:
+    see :class:`~infopt.quant.config.Int4WeightOnlyConfig`). ``mean_abs``, ``abs_max`` and
+    ``tokens`` count every token once.
+    """
     mods = dict(block.named_modules())
     stats: list[InputStats] = []
     handles = []
@@ -102,6 +109,9 @@ def collect_stats(
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             if st.cov is not None:
                 _accumulate_gram(st.cov, x)
+                if first_token_weight != 1.0 and args[0].dim() == 3:
+                    x0 = args[0].detach()[:, 0].float()  # [B, K]: each sequence's first token
+                    _accumulate_gram(st.cov, x0 * (first_token_weight - 1.0) ** 0.5)
             st.mean_abs.add_(x.abs().sum(0))
             torch.maximum(st.abs_max, x.abs().amax(0), out=st.abs_max)
             st.tokens += x.shape[0]

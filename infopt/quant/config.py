@@ -135,6 +135,11 @@ class Int4WeightOnlyConfig(QuantConfig):
             groups") so the packed layout stays the standard one.
         damp: GPTQ only: damping added to the Hessian diagonal, as a fraction of its mean.
         block_size: GPTQ only: columns per lazy-batch update block (a multiple of group_size).
+        gptq_sink_weight: GPTQ only: how many times the Hessian counts the first token of
+            each calibration sequence (>= 1). That token is the attention sink: every later
+            query attends to it, so an error in its keys and values reaches every position,
+            yet the plain Hessian weighs it as one token in hundreds. 16 (default) measured
+            best of 1, 4, 16 on SmolLM2-135M (docs/results.md); 1 is textbook GPTQ.
         awq_grid: AWQ only: number of alpha values searched in [0, 1).
         awq_clip: AWQ only: also search a per-group range-shrink ratio (and score each alpha
             by its error after that search).
@@ -150,7 +155,8 @@ class Int4WeightOnlyConfig(QuantConfig):
 
     # 2: ``max_tokens`` removed (it never had an effect: the AWQ searches use every
     # calibration token through the input covariance), ``awq_damp`` added.
-    VERSION = 2
+    # 3: ``gptq_sink_weight`` added (older configs quantized with the plain Hessian, i.e. 1).
+    VERSION = 3
     FORMAT = "int4"
 
     group_size: int = 128
@@ -158,6 +164,7 @@ class Int4WeightOnlyConfig(QuantConfig):
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    gptq_sink_weight: float = 16.0
     awq_grid: int = 20
     awq_clip: bool = True
     awq_damp: float = AWQ_DAMP
@@ -184,6 +191,7 @@ class Int4WeightOnlyConfig(QuantConfig):
                 f"block_size ({self.block_size}) must be a multiple of group_size "
                 f"({self.group_size}) so groups never straddle GPTQ blocks"
             )
+        _check_float("gptq_sink_weight", self.gptq_sink_weight, 1.0, 1e6, high_open=False)
         _check_int("awq_grid", self.awq_grid, 1)
         if not isinstance(self.awq_clip, bool):
             raise TypeError(f"awq_clip must be a bool, got {self.awq_clip!r}")
@@ -193,6 +201,8 @@ class Int4WeightOnlyConfig(QuantConfig):
     def _upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
         if version < 2:
             fields.pop("max_tokens", None)  # version 1 stored it but never used it
+        if version < 3:
+            fields["gptq_sink_weight"] = 1.0
         return fields
 
     @property

@@ -82,7 +82,9 @@ def _gptq_block(
 ) -> dict[str, nn.Module]:
     mods = dict(block.named_modules())
     new: dict[str, nn.Module] = {}
-    for group, st in zip(groups, collect_stats(block, groups, chunks, with_cov=True)):
+    stats = collect_stats(block, groups, chunks, with_cov=True,
+                          first_token_weight=config.gptq_sink_weight)
+    for group, st in zip(groups, stats):
         hessian = 2.0 * st.cov
         for name in group:
             lin = mods[name]
