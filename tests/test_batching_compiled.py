@@ -256,3 +256,20 @@ def test_compiles_when_no_backend_probe_ran_yet():
     c = engine.runner.compiled
     assert c.disabled is None, c.disabled
     assert c.num_compiled_steps > 0 and c.dense_gemv_layers > 0
+
+
+def test_lean_guards_keep_two_engines_graphs_apart():
+    """Without module guards, dynamo could hand one engine's graph to another engine's frame of
+    the same method (its entries live on the shared code object): a float32 model compiled
+    first, then the same architecture in int8, whose layers have no ``weight``, must still
+    compile its own."""
+    cfg = dict(block_size=4, num_blocks=64, max_num_seqs=2)
+    for kind in ("float32", "int8"):
+        model = build("llama") if kind == "float32" else infopt.wrap_model(build("llama"),
+                                                                           quant="int8")
+        _, eager = run(model, EngineConfig(**cfg), prompts((4, 13)))
+        engine, compiled = run(model, EngineConfig(**cfg, compile=CompileConfig(
+            batch_buckets=(2,))), prompts((4, 13)))
+        assert compiled == eager, kind
+        c = engine.runner.compiled
+        assert c.disabled is None and c.num_compiled_steps > 0, (kind, c.disabled)

@@ -226,8 +226,12 @@ class CompiledDecode:
 
                 options.update(list_mode_options(mode, config.dynamic))
                 options.update(size_asserts=False, alignment_asserts=False, scalar_asserts=False)
+            # Without module guards nothing tells two engines' models apart, and dynamo keeps
+            # its compiled entries per code object (this method's, shared by every engine):
+            # each engine gets its own entries, or one model's graph would run another's.
             self._fn = torch.compile(self._forward, backend=config.backend,
-                                     dynamic=config.dynamic, fullgraph=True, options=options)
+                                     dynamic=config.dynamic, fullgraph=True, options=options,
+                                     isolate_recompiles=True)
         else:
             self._fn = torch.compile(self._forward, backend=config.backend, mode=mode,
                                      dynamic=config.dynamic, fullgraph=True)
