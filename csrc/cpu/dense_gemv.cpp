@@ -44,13 +44,6 @@ void rows_plain(const float* x, const float* w, const float* bias, float* y, int
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-INFOPT_AVX2 inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
 INFOPT_AVX2 void rows_avx2(const float* x, const float* w, const float* bias, float* y,
                            int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t k8 = K & ~int64_t{7};
@@ -70,7 +63,8 @@ INFOPT_AVX2 void rows_avx2(const float* x, const float* w, const float* bias, fl
         a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w2 + k), a2);
         a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w3 + k), a3);
       }
-      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      float s[4] = {quant::hsum256(a0), quant::hsum256(a1), quant::hsum256(a2),
+                    quant::hsum256(a3)};
       for (int64_t k = k8; k < K; ++k) {
         s[0] += xm[k] * w0[k];
         s[1] += xm[k] * w1[k];
@@ -88,7 +82,7 @@ INFOPT_AVX2 void rows_avx2(const float* x, const float* w, const float* bias, fl
       __m256 a = _mm256_setzero_ps();
       for (int64_t k = 0; k < k8; k += 8)
         a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), _mm256_loadu_ps(wr + k), a);
-      float s = hsum(a);
+      float s = quant::hsum256(a);
       for (int64_t k = k8; k < K; ++k) s += xm[k] * wr[k];
       y[m * N + n] = s + (bias ? bias[n] : 0.f);
     }

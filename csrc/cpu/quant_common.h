@@ -29,6 +29,10 @@
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 #define INFOPT_AVX2 __attribute__((target("avx2,fma")))
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace infopt {
 namespace quant {
 
@@ -76,6 +80,16 @@ inline const char* isa_name(Isa isa) {
 }
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+#if defined(__x86_64__)
+// Sum of the 8 lanes of v (the AVX2 tiles' final reduction).
+INFOPT_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 // Software prefetch distance of the decode (GEMV) tiles, in bytes ahead of the weight line being
 // read, into L2. Weight rows are short (a few KiB) so the hardware prefetcher restarts on every

@@ -131,13 +131,6 @@ INFOPT_AVX512 void int4_tile_avx512(const Int4Args& a, int64_t n0, int64_t m0) {
 
 // ---- AVX2+FMA: blocks of 16 k (8 bytes); needs gs % 16 == 0 ----
 
-INFOPT_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Per group the tile sums x * (code - zero) with the difference taken in int32 (exact, so a
 // weight that dequantizes to zero contributes exactly zero, as in the reference) and applies
 // the group's scale once: one int sub, one convert and one FMA per weight instead of a float
@@ -191,7 +184,7 @@ INFOPT_AVX2 void int4_tile_avx2(const Int4Args& a, int64_t n0, int64_t m0) {
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) store(a, m0 + i, n0 + r, hsum256(acc[i][r]));
+    for (int r = 0; r < NR; ++r) store(a, m0 + i, n0 + r, quant::hsum256(acc[i][r]));
 }
 
 // Prefill: rows n0..n1 of W -> fp32 [n1 - n0, kp] in the permuted k order of permute_x (the

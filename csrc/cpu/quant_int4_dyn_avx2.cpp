@@ -121,13 +121,6 @@ INFOPT_AVX2 bool all_finite_impl(const float* x, int64_t n) {
   return bad == 0;
 }
 
-INFOPT_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Weight scale and zero point per lane of both halves of a chunk whose first group is g0, for
 // GPC groups per chunk (lane j of half h: k in [64h + 8j, 64h + 8j + 8)). GPC 1: one group;
 // 2 (gs 64): one per half; 4 (gs 32): one per 128-bit lane. Groups past G (padding lanes, whose
@@ -234,7 +227,7 @@ INFOPT_AVX2 void dyn_tile_avx2(const DynArgs& a, int64_t n0, int64_t m0) {
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) {
       const int64_t n = n0 + r, m = m0 + i;
-      const float dot = hsum256(acc[i][r]);
+      const float dot = quant::hsum256(acc[i][r]);
       a.y[m * a.N + n] = a.b ? dot + a.b[n] : dot;
     }
 }

@@ -93,13 +93,6 @@ INFOPT_AVX512 void int8_tile_avx512(const Int8Args& a, int64_t n0, int64_t m0) {
 
 // ---- AVX2+FMA: 8 k per step, scalar tail ----
 
-INFOPT_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <int NR, int MR>
 INFOPT_AVX2 void int8_tile_avx2(const Int8Args& a, int64_t n0, int64_t m0) {
   __m256 acc[MR][NR];
@@ -139,7 +132,7 @@ INFOPT_AVX2 void int8_tile_avx2(const Int8Args& a, int64_t n0, int64_t m0) {
   }
   for (int i = 0; i < MR; ++i) {
     for (int r = 0; r < NR; ++r) {
-      float dot = hsum256(acc[i][r]);
+      float dot = quant::hsum256(acc[i][r]);
       for (int64_t kk = k; kk < a.K; ++kk) dot += xr[i][kk] * static_cast<float>(wr[r][kk]);
       store(a, m0 + i, n0 + r, dot);
     }

@@ -139,7 +139,7 @@ class Int4WeightOnlyConfig(QuantConfig):
             each calibration sequence (>= 1). That token is the attention sink: every later
             query attends to it, so an error in its keys and values reaches every position,
             yet the plain Hessian weighs it as one token in hundreds. 16 (default) measured
-            best of 1, 4, 16 on SmolLM2-135M (docs/results.md); 1 is textbook GPTQ.
+            best of 1, 4, 16 and 64 on SmolLM2-135M (docs/results.md); 1 is textbook GPTQ.
         awq_grid: AWQ only: number of alpha values searched in [0, 1).
         awq_clip: AWQ only: also search a per-group range-shrink ratio (and score each alpha
             by its error after that search).
