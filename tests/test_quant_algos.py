@@ -257,6 +257,33 @@ def test_collect_stats_first_token_weight():
     assert torch.allclose(st.mean_abs, xs.abs().mean(0), atol=1e-6)
 
 
+@pytest.mark.parametrize("method,field", [("awq", "awq_sink_weight"), ("gptq", "gptq_sink_weight")])
+def test_sink_weight_reaches_the_calibration_statistics(monkeypatch, method, field):
+    """Each method's sink weight is what its blocks' statistics count position 0 with, and it
+    changes the quantized weights (on a random model the first token is no outlier, so the
+    change is small but not zero)."""
+    import infopt.quant.awq as awq_mod
+    import infopt.quant.handlers as handlers_mod
+
+    seen = []
+    real = collect_stats
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("first_token_weight", 1.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(awq_mod if method == "awq" else handlers_mod, "collect_stats", spy)
+    weights = {}
+    for w in (1.0, 7.0):
+        seen.clear()
+        cfg = q.Int4WeightOnlyConfig(method=method, group_size=32, **{field: w})
+        m = q.quantize_model(_tiny(), cfg, calib_input_ids=CALIB, progress=False,
+                             calib_cache=False)
+        assert seen == [w, w]  # one call per block, both with the configured weight
+        weights[w] = m.model.layers[0].mlp.down_proj.qweight.clone()
+    assert not torch.equal(weights[1.0], weights[7.0])
+
+
 @pytest.mark.parametrize("tile", [7, 16, 64])
 def test_collect_stats_tiled_gram_matches_full(monkeypatch, tile):
     # Tiles of 7 over the MLP's K = 96 (ragged last tile) and its K = 64 inputs; 64: one tile.

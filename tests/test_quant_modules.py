@@ -156,15 +156,18 @@ def test_configs_round_trip_and_validate():
     # dict naming max_tokens is rejected like any unknown field.
     v1 = q.Int4WeightOnlyConfig(method="awq").to_dict()
     v1 = {**v1, "version": 1, "fields": {**v1["fields"], "max_tokens": 4096}}
-    # (It quantized with the plain GPTQ Hessian, so it upgrades to gptq_sink_weight=1.)
-    assert InfoptConfig.from_dict(v1) == q.Int4WeightOnlyConfig(method="awq", gptq_sink_weight=1.0)
+    # (It quantized with the plain GPTQ Hessian and AWQ covariance, so both sink weights
+    # upgrade to 1.)
+    plain = {"gptq_sink_weight": 1.0, "awq_sink_weight": 1.0}
+    v1 = {**v1, "fields": {k: v for k, v in v1["fields"].items() if k not in plain}}
+    assert InfoptConfig.from_dict(v1) == q.Int4WeightOnlyConfig(method="awq", **plain)
     v2 = q.Int4WeightOnlyConfig(method="gptq").to_dict()
     v2 = {**v2, "version": 2, "fields": {k: v for k, v in v2["fields"].items()
-                                         if k != "gptq_sink_weight"}}
-    assert InfoptConfig.from_dict(v2) == q.Int4WeightOnlyConfig(method="gptq",
-                                                                gptq_sink_weight=1.0)
-    with pytest.raises(ValueError, match="gptq_sink_weight"):
-        q.Int4WeightOnlyConfig(method="gptq", gptq_sink_weight=0.5)
+                                         if k not in plain}}
+    assert InfoptConfig.from_dict(v2) == q.Int4WeightOnlyConfig(method="gptq", **plain)
+    for field in plain:
+        with pytest.raises(ValueError, match=field):
+            q.Int4WeightOnlyConfig(**{field: 0.5})
     with pytest.raises(ValueError, match=r"unknown fields \['max_tokens'\]"):
         InfoptConfig.from_dict({**v1, "version": 2})
     with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128\)"):

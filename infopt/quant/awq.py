@@ -185,14 +185,17 @@ def _apply_scale(
 @torch.no_grad()
 def awq_block(
     block: nn.Module, groups: list[list[str]], chunks: BlockInputs, *, group_size: int,
-    grid: int = 20, clip: bool = True, damp: float = AWQ_DAMP,
+    grid: int = 20, clip: bool = True, damp: float = AWQ_DAMP, sink_weight: float = 1.0,
 ) -> dict[str, nn.Module]:
     """AWQ for one block: search + apply scales for every group, then clip-search + quantize.
 
     ``damp``: ridge on the calibration covariance for both searches (:func:`damp_cov`).
+    ``sink_weight``: how many times the covariance counts each calibration sequence's first
+    token, the attention sink (``collect_stats(first_token_weight=)``; the candidate scales'
+    ``mean|X|`` counts it once).
     """
     mods = dict(block.named_modules())
-    stats = collect_stats(block, groups, chunks, with_cov=True)
+    stats = collect_stats(block, groups, chunks, with_cov=True, first_token_weight=sink_weight)
     plans = []
     # Scales first for every group (folds edit producers, which may be other groups'
     # linears; a per-row rescale commutes with per-row quantization), quantize afterwards.

@@ -46,7 +46,7 @@ class Int4Handler(QuantHandler):
         if config.method == "awq":
             return functools.partial(
                 awq_block, group_size=config.group_size, grid=config.awq_grid,
-                clip=config.awq_clip, damp=config.awq_damp,
+                clip=config.awq_clip, damp=config.awq_damp, sink_weight=config.awq_sink_weight,
             ), "AWQ"  # fmt: skip
         return None
 
