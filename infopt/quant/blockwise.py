@@ -87,8 +87,9 @@ def collect_stats(
     """Run ``block`` on every chunk, accumulating :class:`InputStats` per input group.
 
     ``first_token_weight``: the covariance counts position 0 of every calibration sequence
-    (inputs ``[B, T, K]``) this many times instead of once (GPTQ's attention-sink weighting:
-    see :class:`~infopt.quant.config.Int4WeightOnlyConfig`). ``mean_abs``, ``abs_max`` and
+    (inputs ``[B, T, K]``) this many times instead of once (the attention-sink weighting of
+    ``gptq_sink_weight`` and ``awq_sink_weight``: see
+    :class:`~infopt.quant.config.Int4WeightOnlyConfig`). ``mean_abs``, ``abs_max`` and
     ``tokens`` count every token once.
     """
     mods = dict(block.named_modules())
