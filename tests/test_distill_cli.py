@@ -127,3 +127,30 @@ def test_cli_bad_arguments_exit_2(models, tmp_path, capsys):
         run_cli(models, tmp_path / "b", "--loss", "kl")
     assert run_cli(models, tmp_path / "b", "--data", str(tmp_path / "missing.txt")) == 1
     assert "is not 'sharegpt', 'text' or an existing file" in capsys.readouterr().err
+
+
+def test_distillspec_with_a_separate_draft_model(models, tmp_path, capsys):
+    """``python -m infopt.distill.draft --draft model``: a smaller model of the target's
+    tokenizer, LoRA-trained on the int4 grid, measured as an int4 draft; the speculative
+    output stays exactly the target's for both drafts."""
+    from infopt.distill import draft
+
+    out = tmp_path / "ds.json"
+    assert draft.main(["--model", str(models / "teacher"), "--draft", "model", "--draft-model",
+                       str(models / "student"), "--int4-draft", "--lora-rank", "2",
+                       "--steps", "2", "--batch-size", "2", "--seq-len", "24",
+                       "--prompt-len", "8", "--prompts", "2", "--new-tokens", "6",
+                       "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["draft_model"] == str(models / "student") and res["int4"] is True
+    assert res["config"]["fields"]["lora_rank"] == 2
+    assert res["config"]["fields"]["fake_quant"] == "int4"
+    for name in ("undistilled", "distilled"):
+        assert res["rows"][name]["identical"] is True
+    assert "distilled / undistilled speedup" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        draft.main(["--model", str(models / "teacher"), "--draft", "model"])
+    assert e.value.code == 2
+    assert "--draft-model NAME is required with --draft model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        draft.main(["--model", str(models / "teacher"), "--draft-model", str(models / "student")])

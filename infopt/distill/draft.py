@@ -1,7 +1,9 @@
 """DistillSpec: distill a speculative-decoding draft toward its target, then measure.
 
-The draft here is a layer-truncated copy of the target (:func:`~.recipes.layer_truncated`),
-so it shares the tokenizer; any draft model of the same vocabulary works the same way.
+The draft is a layer-truncated copy of the target (:func:`~.recipes.layer_truncated`), the
+target itself on the int4 grid, or a smaller model of the same tokenizer (``--draft model
+--draft-model NAME``, e.g. Qwen2.5-Coder-0.5B for the 1.5B target), optionally trained
+through LoRA adapters (``--lora-rank``) and on the int4 grid (``--int4-draft``).
 Training is on-policy (``lmbda=1``: the draft samples continuations of training prompts and
 the target scores every token), as DistillSpec recommends; the divergence follows the
 decoding mode: greedy verification accepts a draft token when the argmaxes agree, which
@@ -115,10 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infopt.distill.draft",
                                 description="DistillSpec on a layer-truncated self-draft")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--draft", choices=("layers", "int4"), default="layers",
+    p.add_argument("--draft", choices=("layers", "int4", "model"), default="layers",
                    help="layers: a layer-truncated copy of the target (--keep); int4: the "
                    "target itself on the int4 g128 grid (trained with fake quantization, run "
-                   "as int4 weights x int8 activations with an int8 head)")
+                   "as int4 weights x int8 activations with an int8 head); model: the smaller "
+                   "model --draft-model (same tokenizer as the target)")
+    p.add_argument("--draft-model", default=None,
+                   help="with --draft model: registry name or local dir of the draft")
+    p.add_argument("--int4-draft", action="store_true",
+                   help="train the draft on the int4 g128 grid and run both drafts as int4 "
+                   "(implied by --draft int4)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train rank-r LoRA adapters on the draft's *_proj linears instead of "
+                   "its weights (0: full training)")
     p.add_argument("--keep", default="0,1,2,3,4,5,29", help="target layers the draft keeps")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
@@ -133,25 +144,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="save the distilled draft here (load_model)")
     args = p.parse_args(argv)
+    if (args.draft == "model") != (args.draft_model is not None):
+        p.error("--draft-model NAME is required with --draft model and accepted only with it")
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    int4 = args.draft == "int4" or args.int4_draft
 
     target, tok = load_model(args.model, dtype=torch.float32)
     keep = [int(x) for x in args.keep.split(",")] if args.draft == "layers" else None
-    base = layer_truncated(target, keep) if keep else copy.deepcopy(target)
+    if args.draft == "model":
+        base, _ = load_model(args.draft_model, dtype=torch.float32)
+    else:
+        base = layer_truncated(target, keep) if keep else copy.deepcopy(target)
     student = copy.deepcopy(base)
     data = token_windows(tok, training_text(), args.seq_len)
     cfg = DistillConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
                         lmbda=args.lmbda, prompt_len=args.prompt_len, lr=args.lr,
                         warmup_steps=max(1, args.steps // 10), frozen=("*embed_tokens*",),
-                        log_every=10, fake_quant="int4" if args.draft == "int4" else None)
+                        log_every=10, fake_quant="int4" if int4 else None,
+                        lora_rank=args.lora_rank)
     t0 = time.perf_counter()
     res = distill(student, target, DistillData(data.input_ids), cfg)
     train_s = time.perf_counter() - t0
-    if args.draft == "int4":
+    if int4:
         # Both drafts on the grid the student trained on: RTN int4 g128 (the undistilled draft
-        # is plain RTN of the target), run with int8 activations and an int8 head for speed.
+        # is plain RTN of its starting point), run with int8 activations and an int8 head.
         for m in (base, student):
             int4_draft(m, cfg.group_size)
-    if args.out and args.draft == "int4":
+    if args.out and int4:
         from ..quant import save_quantized
 
         save_quantized(student, args.out)  # load_quantized(out)
@@ -163,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = heldout_prompts(tok, args.prompts)
     rows = measure_speculative(target, {"undistilled": base, "distilled": student}, prompts,
                                args.new_tokens, args.draft_tokens)
-    out = {"model": args.model, "draft": args.draft, "keep": keep, "config": cfg.to_dict(),
+    out = {"model": args.model, "draft": args.draft, "draft_model": args.draft_model,
+           "int4": int4, "keep": keep, "config": cfg.to_dict(),
            "train_seconds": train_s,
            "history": res.history, "threads": torch.get_num_threads(), "rows": rows}
     for name, r in rows.items():
