@@ -154,3 +154,23 @@ def test_distillspec_with_a_separate_draft_model(models, tmp_path, capsys):
     assert "--draft-model NAME is required with --draft model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         draft.main(["--model", str(models / "teacher"), "--draft-model", str(models / "student")])
+    with pytest.raises(SystemExit) as e:
+        draft.main(["--model", str(models / "teacher"), "--draft", "model", "--draft-model",
+                    str(models / "student"), "--keep", "0,1"])
+    assert e.value.code == 2
+    assert "--keep applies to --draft layers only" in capsys.readouterr().err
+
+
+def test_distillspec_layer_draft_keeps_the_first_six_and_the_last_layer(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from infopt.distill import draft
+
+    tok = AutoTokenizer.from_pretrained(models / "teacher")
+    tiny(3, 8, vocab=len(tok)).save_pretrained(tmp_path / "deep")
+    tok.save_pretrained(tmp_path / "deep")
+    out = tmp_path / "ds.json"
+    assert draft.main(["--model", str(tmp_path / "deep"), "--steps", "1", "--batch-size", "2",
+                       "--seq-len", "24", "--prompt-len", "8", "--prompts", "1",
+                       "--new-tokens", "4", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["keep"] == [0, 1, 2, 3, 4, 5, 7]

@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..models import load_model
 
     p = argparse.ArgumentParser(prog="python -m infopt.distill.draft",
-                                description="DistillSpec on a layer-truncated self-draft")
+                                description="DistillSpec: distill a draft toward its target, then "
+                                "measure speculative decoding with both drafts")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--draft", choices=("layers", "int4", "model"), default="layers",
                    help="layers: a layer-truncated copy of the target (--keep); int4: the "
@@ -130,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train rank-r LoRA adapters on the draft's *_proj linears instead of "
                    "its weights (0: full training)")
-    p.add_argument("--keep", default="0,1,2,3,4,5,29", help="target layers the draft keeps")
+    p.add_argument("--keep", default=None,
+                   help="with --draft layers: target layers the draft keeps, comma-separated "
+                   "(default: the first six and the last)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -146,12 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.draft == "model") != (args.draft_model is not None):
         p.error("--draft-model NAME is required with --draft model and accepted only with it")
+    if args.keep is not None and args.draft != "layers":
+        p.error(f"--keep applies to --draft layers only, got --draft {args.draft}")
     if args.lora_rank < 0:
         p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
     int4 = args.draft == "int4" or args.int4_draft
 
     target, tok = load_model(args.model, dtype=torch.float32)
-    keep = [int(x) for x in args.keep.split(",")] if args.draft == "layers" else None
+    keep = None
+    if args.draft == "layers":
+        from ..speculative.drafts import find_decoder_layers
+
+        n = len(find_decoder_layers(target)[2])
+        keep = ([int(x) for x in args.keep.split(",")] if args.keep
+                else sorted({*range(min(6, n)), n - 1}))
     if args.draft == "model":
         base, _ = load_model(args.draft_model, dtype=torch.float32)
     else:
