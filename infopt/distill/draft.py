@@ -157,16 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     target, tok = load_model(args.model, dtype=torch.float32)
     keep = None
-    if args.draft == "layers":
+    if args.draft == "model":
+        base, _ = load_model(args.draft_model, dtype=torch.float32)
+    elif args.draft == "layers":
         from ..speculative.drafts import find_decoder_layers
 
         n = len(find_decoder_layers(target)[2])
         keep = ([int(x) for x in args.keep.split(",")] if args.keep
                 else sorted({*range(min(6, n)), n - 1}))
-    if args.draft == "model":
-        base, _ = load_model(args.draft_model, dtype=torch.float32)
-    else:
-        base = layer_truncated(target, keep) if keep else copy.deepcopy(target)
+        base = layer_truncated(target, keep)
+    else:  # int4: the target itself
+        base = copy.deepcopy(target)
     student = copy.deepcopy(base)
     data = token_windows(tok, training_text(), args.seq_len)
     cfg = DistillConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
