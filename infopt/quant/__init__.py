@@ -90,13 +90,16 @@ __all__ = [
 #: pick: RTN g128 with the output head int8 (an fp32 head halves Qwen2.5-1.5B's decode speed,
 #: 10.3 vs 22.5 tok/s; ``int4-head-fp32`` keeps it fp32, as ``int4`` did before).
 #: ``int4-gptq`` uses act_order (static groups): on SmolLM2-135M g128 it took GPTQ from +32 %
-#: to +18 % perplexity (RTN: +28 %), see docs/quant.md.
+#: to +18 % perplexity (RTN: +28 %), see docs/quant.md. It calibrates on 128 windows, not the
+#: configs' default 32: GPTQ fits a [K, K] Hessian (K = 4864 for Qwen2.5-0.5B's down_proj), and
+#: 16k tokens overfit it. 65k tokens took Qwen2.5-Coder-0.5B from losing to RTN on chat to
+#: beating it on every domain (docs/results.md, "GPTQ calibration size and damping").
 ALIASES = {
     "int8": Int8WeightOnlyConfig,
     "int4": lambda: Int4WeightOnlyConfig(method="rtn", lm_head="int8"),
     "int4-head-fp32": lambda: Int4WeightOnlyConfig(method="rtn"),
     "int4-awq": lambda: Int4WeightOnlyConfig(method="awq"),
-    "int4-gptq": lambda: Int4WeightOnlyConfig(method="gptq", act_order=True),
+    "int4-gptq": lambda: Int4WeightOnlyConfig(method="gptq", act_order=True, calib_samples=128),
     # int4 RTN weights x int8 activations rounded per 32-block on the fly (CPU VNNI decode).
     "int4-a8": lambda: Int4WeightOnlyConfig(method="rtn", act_dtype="int8"),
     "w8a8": W8A8Config,
