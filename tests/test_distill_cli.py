@@ -174,3 +174,49 @@ def test_distillspec_layer_draft_keeps_the_first_six_and_the_last_layer(models, 
                        "--seq-len", "24", "--prompt-len", "8", "--prompts", "1",
                        "--new-tokens", "4", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["keep"] == [0, 1, 2, 3, 4, 5, 7]
+
+
+def test_draft_samples_are_the_drafts_continuations_with_a_generated_only_mask():
+    from infopt.distill.data import DistillData
+    from infopt.distill.draft import draft_samples
+
+    draft = tiny(5)
+    windows = torch.randint(1, 101, (3, 12), generator=torch.Generator().manual_seed(1))
+    out = draft_samples(draft, DistillData(windows), 5, 4, batch_size=2, seed=3)
+    assert out.input_ids.shape == (5, 12)
+    # prompts cycle over the windows; the rest is sampled, and only that counts in the loss
+    assert torch.equal(out.input_ids[:, :4], windows[[0, 1, 2, 0, 1], :4])
+    assert not out.loss_mask[:, :4].any() and out.loss_mask[:, 4:].all()
+    again = draft_samples(draft, DistillData(windows), 5, 4, batch_size=2, seed=3)
+    other = draft_samples(draft, DistillData(windows), 5, 4, batch_size=2, seed=4)
+    assert torch.equal(out.input_ids, again.input_ids)  # seeded
+    assert not torch.equal(out.input_ids, other.input_ids)
+    with pytest.raises(ValueError, match=r"prompt_len must be in \[1, 11\]"):
+        draft_samples(draft, DistillData(windows), 2, 12)
+
+
+def test_distillspec_int4_self_draft_on_draft_generated_data_in_bf16(models, tmp_path, capsys):
+    """``--draft int4 --dtype bf16 --draft-data N --trainable ...``: the draft samples its
+    training data once, the named weights train on the int4 grid under bf16 autocast, the
+    output of both drafts stays exactly the target's, and the fp32 target is back to measure."""
+    from infopt.distill import draft
+
+    out = tmp_path / "ds.json"
+    assert draft.main(["--model", str(models / "teacher"), "--draft", "int4", "--dtype", "bf16",
+                       "--trainable", "*down_proj*,*o_proj*", "--draft-data", "3",
+                       "--lmbda", "0", "--steps", "2", "--batch-size", "2", "--seq-len", "24",
+                       "--prompt-len", "8", "--prompts", "2", "--new-tokens", "6",
+                       "--chunk-size", "5", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    fields = res["config"]["fields"]
+    assert res["draft_data"] == 3 and fields["dtype"] == "bf16" and fields["chunk_size"] == 5
+    assert fields["trainable"] == ["*down_proj*", "*o_proj*"]
+    for name in ("undistilled", "distilled"):
+        assert res["rows"][name]["identical"] is True
+    assert "draft-generated data: 3 x 24 tokens" in capsys.readouterr().out
+    for bad, msg in ((["--draft-data", "-1"], "--draft-data must be >= 0"),
+                     (["--trainable", "*o_proj*", "--lora-rank", "2"],
+                      "--trainable selects weights for full training")):
+        with pytest.raises(SystemExit):
+            draft.main(["--model", str(models / "teacher"), "--draft", "int4", *bad])
+        assert msg in capsys.readouterr().err

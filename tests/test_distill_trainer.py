@@ -179,6 +179,37 @@ def test_no_grad_forward_reuses_the_rounded_weight_until_it_changes(lora_rank):
         a = b
 
 
+def test_frozen_fake_quant_linear_reuses_its_rounded_weight_in_training():
+    from infopt.distill.student_linear import DistillLinear
+    from infopt.quant.formats import fake_quantize_int4
+
+    torch.manual_seed(0)
+    lin = DistillLinear.from_linear(torch.nn.Linear(64, 16), fake_quant_group=32)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(3, 64, requires_grad=True)
+    rounded = fake_quantize_int4(lin.weight.detach(), 32)
+    out = lin(x)  # grad enabled, but nothing of this linear trains
+    cached = lin.__dict__["_rounded"]
+    assert cached is not None and torch.equal(cached[1], rounded)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, rounded, lin.bias))
+    out.sum().backward()  # the gradient still reaches the input
+    torch.testing.assert_close(x.grad, rounded.sum(0).expand(3, -1))
+    assert lin(x.detach()) is not out and lin.__dict__["_rounded"] is cached
+    # under bf16 autocast the cached copy is bf16 (no per-forward cast) and it is the rounding
+    # of the current weight, re-made after an in-place change
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x.detach())
+    assert lin.__dict__["_rounded"][1].dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x.detach(), rounded, lin.bias)
+    torch.testing.assert_close(y, ref)
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    out2 = lin(x.detach())
+    torch.testing.assert_close(
+        out2, torch.nn.functional.linear(x.detach(), fake_quantize_int4(lin.weight, 32), lin.bias))
+
+
 def test_lora_trains_adapters_only_and_merges(teacher, tmp_path):
     student = tiny(2)
     before = {n: p.clone() for n, p in student.named_parameters()}
@@ -255,3 +286,35 @@ def test_bf16_and_gradient_checkpointing_run(teacher):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert not student.is_gradient_checkpointing
+
+
+def test_chunked_path_runs_the_decoder_alone_with_the_same_hidden_states():
+    from infopt.distill.trainer import _hidden_and_head
+
+    model = tiny(4)
+    x = ids(2, 10, seed=9)
+    calls = []
+    h = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        hid, head, states = _hidden_and_head(model, x, chunked=True)
+        assert not calls  # no head over a (non-contiguous) last-position slice
+        full = model(input_ids=x, output_hidden_states=True)
+    h.remove()
+    assert head is model.get_output_embeddings()
+    torch.testing.assert_close(hid, full.hidden_states[-1])
+    assert len(states) == len(full.hidden_states)
+    torch.testing.assert_close(head(hid), full.logits)
+
+
+def test_bf16_chunked_loss_is_close_to_fp32(teacher):
+    """The bf16 path (autocast trunk, heads under autocast) computes the fp32 loss to bf16
+    precision; the loss over non-contiguous position chunks equals the unchunked one."""
+    losses = {}
+    for dtype, chunk in (("fp32", None), ("fp32", 5), ("bf16", 5)):
+        student = tiny(2)
+        cfg = D.DistillConfig(steps=1, batch_size=4, dtype=dtype, chunk_size=chunk, lr=1e-9,
+                              log_every=1)
+        losses[(dtype, chunk)] = D.distill(student, teacher, ids(), cfg,
+                                           progress=False).history[0]["loss"]
+    assert losses[("fp32", 5)] == pytest.approx(losses[("fp32", None)], rel=1e-5)
+    assert losses[("bf16", 5)] == pytest.approx(losses[("fp32", None)], rel=3e-2)

@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 
 from .config import DistillConfig
-from .data import DistillData, token_windows, training_text
+from .data import DistillData, sample_continuations, token_windows, training_text
 from .recipes import layer_truncated
 from .trainer import distill
 
-__all__ = ["heldout_prompts", "int4_draft", "measure_speculative"]
+__all__ = ["draft_samples", "heldout_prompts", "int4_draft", "measure_speculative"]
 
 
 def heldout_prompts(tokenizer: Any, n: int = 8, n_words: int = 24) -> list[torch.Tensor]:
@@ -94,6 +94,29 @@ def measure_speculative(target: nn.Module, drafts: dict[str, nn.Module],
     return rows
 
 
+@torch.no_grad()
+def draft_samples(draft: nn.Module, data: DistillData, n: int, prompt_len: int, *,
+                  batch_size: int = 16, temperature: float = 1.0, seed: int = 0) -> DistillData:
+    """``n`` sequences the *draft* writes: the first ``prompt_len`` tokens of ``data``'s
+    windows (cycled) continued by ``draft`` sampling at ``temperature`` to the windows' length.
+    The loss mask covers the sampled tokens only. Sampling these once with the draft's fast
+    inference weights (e.g. int4 kernels) stands in for re-sampling every step with the
+    training copy: the draft's own distribution, at a fraction of the cost, lagging the
+    student by its training so far (GKD's on-policy data with a stale policy)."""
+    ids = data.input_ids
+    if not 0 < prompt_len < ids.shape[1]:
+        raise ValueError(f"prompt_len must be in [1, {ids.shape[1] - 1}], got {prompt_len}")
+    prompts = ids[torch.arange(n) % ids.shape[0], :prompt_len]
+    torch.manual_seed(seed)
+    out = torch.cat([
+        sample_continuations(draft, prompts[i: i + batch_size], ids.shape[1] - prompt_len,
+                             temperature=temperature)
+        for i in range(0, n, batch_size)])
+    mask = torch.zeros_like(out, dtype=torch.bool)
+    mask[:, prompt_len:] = True
+    return DistillData(out, mask)
+
+
 def int4_draft(model: nn.Module, group_size: int = 128) -> nn.Module:
     """``model`` (fp, or a fake-quantized student) as a fast int4 draft, in place: merged and
     rounded to int4 RTN on its training grid (:func:`~.student_linear.export_int4`), int8
@@ -144,6 +167,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="training autocast dtype (bf16: AMX / tensor-core matmuls; sampling "
+                   "and the measurement stay fp32)")
+    p.add_argument("--trainable", default=None,
+                   help="full training only: comma-separated glob patterns of the draft "
+                   "parameters to train (default: all but the embeddings), e.g. "
+                   "'*o_proj*,*down_proj*' to fit the optimizer state of a large draft in memory")
+    p.add_argument("--draft-data", type=int, default=0,
+                   help="train on N sequences the undistilled draft samples once, up front, "
+                   "from training prompts (its fast inference weights; --lmbda then applies "
+                   "to those) instead of on the training text (0: off)")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="positions per chunk of the loss: at most [batch, chunk, vocab] logits "
+                   "exist at once (Qwen's vocabulary is 152k)")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="save the distilled draft here (load_model)")
     args = p.parse_args(argv)
@@ -153,9 +190,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--keep applies to --draft layers only, got --draft {args.draft}")
     if args.lora_rank < 0:
         p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.draft_data < 0:
+        p.error(f"--draft-data must be >= 0, got {args.draft_data}")
+    if args.trainable is not None and args.lora_rank:
+        p.error("--trainable selects weights for full training; with --lora-rank the adapters "
+                "are what trains")
     int4 = args.draft == "int4" or args.int4_draft
 
     target, tok = load_model(args.model, dtype=torch.float32)
+    cfg = DistillConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
+                        lmbda=args.lmbda, prompt_len=args.prompt_len, lr=args.lr,
+                        warmup_steps=max(1, args.steps // 10), frozen=("*embed_tokens*",),
+                        log_every=10, fake_quant="int4" if int4 else None,
+                        lora_rank=args.lora_rank, dtype=args.dtype, chunk_size=args.chunk_size,
+                        trainable=(tuple(x for x in args.trainable.split(",") if x)
+                                   if args.trainable else ("*",)))
     keep = None
     if args.draft == "model":
         base, _ = load_model(args.draft_model, dtype=torch.float32)
@@ -167,22 +216,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else sorted({*range(min(6, n)), n - 1}))
         base = layer_truncated(target, keep)
     else:  # int4: the target itself
-        base = copy.deepcopy(target)
-    student = copy.deepcopy(base)
+        base = target
+    # With int4 the undistilled draft is plain RTN of the starting point (the grid the student
+    # starts from), converted before the student is copied: at most two fp32 copies at once.
+    if int4 and base is target:
+        base = int4_draft(copy.deepcopy(target), cfg.group_size)
+        student = copy.deepcopy(target)
+    else:
+        student = copy.deepcopy(base)
+        if int4:
+            int4_draft(base, cfg.group_size)
     data = token_windows(tok, training_text(), args.seq_len)
-    cfg = DistillConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
-                        lmbda=args.lmbda, prompt_len=args.prompt_len, lr=args.lr,
-                        warmup_steps=max(1, args.steps // 10), frozen=("*embed_tokens*",),
-                        log_every=10, fake_quant="int4" if int4 else None,
-                        lora_rank=args.lora_rank)
+    gen_s = 0.0
+    if args.draft_data:
+        t0 = time.perf_counter()
+        data = draft_samples(base, data, args.draft_data, args.prompt_len,
+                             temperature=cfg.gen_temperature, seed=cfg.seed)
+        gen_s = time.perf_counter() - t0
+        print(f"draft-generated data: {args.draft_data} x {args.seq_len} tokens in {gen_s:.0f} s",
+              flush=True)
+    teacher = target
+    if args.dtype == "bf16":
+        # Autocast would cast the teacher's fp32 weights to bf16 on every forward; a bf16 copy
+        # computes the same bf16 matmuls once cast. The fp32 target is dropped while training
+        # (memory: a 1.5B target, its student and the optimizer state) and reloaded to measure.
+        teacher = target.to(torch.bfloat16)  # in place: no second copy of the target
+        del target
     t0 = time.perf_counter()
-    res = distill(student, target, DistillData(data.input_ids), cfg)
+    res = distill(student, teacher, data if args.draft_data else DistillData(data.input_ids),
+                  cfg)
     train_s = time.perf_counter() - t0
+    if args.dtype == "bf16":
+        del teacher
+        target, _ = load_model(args.model, dtype=torch.float32)
     if int4:
         # Both drafts on the grid the student trained on: RTN int4 g128 (the undistilled draft
         # is plain RTN of its starting point), run with int8 activations and an int8 head.
-        for m in (base, student):
-            int4_draft(m, cfg.group_size)
+        int4_draft(student, cfg.group_size)
     if args.out and int4:
         from ..quant import save_quantized
 
@@ -197,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                args.new_tokens, args.draft_tokens)
     out = {"model": args.model, "draft": args.draft, "draft_model": args.draft_model,
            "int4": int4, "keep": keep, "config": cfg.to_dict(),
-           "train_seconds": train_s,
+           "train_seconds": train_s, "draft_data": args.draft_data, "draft_data_seconds": gen_s,
            "history": res.history, "threads": torch.get_num_threads(), "rows": rows}
     for name, r in rows.items():
         extra = "" if name == "target" else (

@@ -369,7 +369,10 @@ def chunked_distill_loss(
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
 
     def part(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = student_head(h)
+        # A position slice of [B, L, H] is not contiguous: a linear head over it cannot fold
+        # [B, c] into one matmul and copies its [V, H] weight per batch row instead (a 152k
+        # vocabulary made that copy most of a training step).
+        logits = student_head(h.contiguous())
         m, y = mask[:, sl], labels[:, sl]
         if isinstance(teacher, TopKTargets):
             div = sparse_divergence(kind, logits, teacher.slice(sl), beta=beta,
@@ -377,7 +380,7 @@ def chunked_distill_loss(
         else:
             if isinstance(teacher, tuple):
                 with torch.no_grad():
-                    tl = teacher[1](teacher[0][:, sl])
+                    tl = teacher[1](teacher[0][:, sl].contiguous())
             else:
                 tl = teacher[:, sl]
             div = divergence(kind, logits, tl, beta=beta, temperature=t, mask=m,

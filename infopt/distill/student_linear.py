@@ -38,6 +38,15 @@ class _RoundSTE(torch.autograd.Function):
         return grad, None
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` computes in for input ``x``: the autocast dtype when autocast is
+    on for ``x``'s device type, else ``x``'s own dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 class DistillLinear(nn.Linear):
     """``nn.Linear`` with optional LoRA (``lora_a [r, K]``, ``lora_b [N, r]``) and optional
     int4 fake quantization of the effective weight ``[N, K]``."""
@@ -85,9 +94,16 @@ class DistillLinear(nn.Linear):
             w = w + self.lora_scale * (self.lora_b @ self.lora_a)
         return w
 
+    def _params(self) -> list[torch.Tensor]:
+        return [self.weight] + ([self.lora_a, self.lora_b] if self.lora_rank else [])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fake_quant_group is not None and not torch.is_grad_enabled():
-            w = self._rounded_no_grad()
+        if self.fake_quant_group is not None and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self._params())
+        ):
+            # No gradient reaches this weight (sampling, evaluation, or a frozen linear in
+            # training): its rounded weight only changes when a parameter does.
+            w = self._rounded_cached(_compute_dtype(x))
         else:
             self.__dict__["_rounded"] = None  # training: the weights are about to change
             w = self.effective_weight()
@@ -95,16 +111,20 @@ class DistillLinear(nn.Linear):
                 w = _RoundSTE.apply(w, self.fake_quant_group)
         return F.linear(x, w.to(x.dtype) if w.dtype != x.dtype else w, self.bias)
 
-    def _rounded_no_grad(self) -> torch.Tensor:
-        """The rounded weight ``[N, K]`` for forwards without autograd (on-policy sampling
-        runs one per generated token), recomputed only when a weight changed in place (the
-        optimizer step) or was replaced: rounding every linear per token dominated sampling."""
-        params = [self.weight] + ([self.lora_a, self.lora_b] if self.lora_rank else [])
-        key = tuple((id(p), p._version) for p in params)
+    def _rounded_cached(self, dtype: torch.dtype) -> torch.Tensor:
+        """The rounded weight ``[N, K]`` in ``dtype`` for forwards that train no parameter of
+        this linear (on-policy sampling runs one per generated token; a frozen linear one per
+        training forward), recomputed only when a weight changed in place (the optimizer step)
+        or was replaced, or another dtype is asked for: rounding every linear per forward
+        dominated sampling and partial training. One dtype is cached at a time (a bf16
+        autocast forward gets the bf16 copy, with no per-forward cast)."""
+        params = self._params()
+        key = (tuple((id(p), p._version) for p in params), dtype)
         cached = self.__dict__.get("_rounded")
         if cached is None or cached[0] != key:
+            self.__dict__["_rounded"] = None  # free the old copy before making the new one
             w = fake_quantize_int4(self.effective_weight().detach(), self.fake_quant_group)
-            cached = (key, w.to(self.weight.dtype), params)  # params kept: ids stay unique
+            cached = (key, w.to(dtype), params)  # params kept: ids stay unique
             self.__dict__["_rounded"] = cached
         return cached[1]
 

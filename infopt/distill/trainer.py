@@ -94,12 +94,28 @@ def _hidden_and_head(model: nn.Module, ids: torch.Tensor, chunked: bool) -> tupl
     if not chunked:
         out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
         return out.logits, None, out.hidden_states
-    out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1], model.get_output_embeddings(), out.hidden_states
+    head = model.get_output_embeddings()
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        # The decoder alone: the causal LM would also apply its head to the last position, a
+        # non-contiguous [B, 1, H] slice that makes the head copy its [V, H] weight per row.
+        out = decoder(input_ids=ids, use_cache=False, output_hidden_states=True)
+    else:
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1], head, out.hidden_states
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _under(ctx: Any, fn: Any) -> Any:
+    """``fn`` called inside the (re-enterable) context manager ``ctx``."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with ctx:
+            return fn(x)
+    return run
 
 
 def _micro_loss(student, teacher, batch: DistillData, cfg, token_map, matcher) -> Any:
@@ -126,6 +142,10 @@ def _micro_loss(student, teacher, batch: DistillData, cfg, token_map, matcher) -
         t_h = t_h[:, :-1]
         teacher_spec = (t_h, t_head) if chunked else (
             t_h if token_map is None else t_head(t_h))
+    if cfg.dtype == "bf16" and s_head is not None:
+        s_head = _under(amp, s_head)  # the [c, H] x [H, V] head matmuls in bf16 too
+    if cfg.dtype == "bf16" and chunked and batch.targets is None:
+        teacher_spec = (teacher_spec[0], _under(amp, teacher_spec[1]))
     parts = chunked_distill_loss(
         s_h[:, :-1], s_head or _identity, teacher_spec, labels, kind=cfg.loss, alpha=cfg.alpha,
         beta=cfg.beta, temperature=cfg.temperature, mask=mask, chunk_size=cfg.chunk_size)

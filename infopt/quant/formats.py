@@ -154,8 +154,8 @@ def int4_params(
     """
     wf = check_weight(w).float()
     gw = _grouped(wf, check_group_size(group_size))
-    wmin = gw.amin(dim=-1).clamp(max=0.0)
-    wmax = gw.amax(dim=-1).clamp(min=0.0)
+    wmin, wmax = torch.aminmax(gw, dim=-1)  # one pass over the weight
+    wmin, wmax = wmin.clamp(max=0.0), wmax.clamp(min=0.0)
     if clip_ratio is not None:
         wmin = wmin * clip_ratio
         wmax = wmax * clip_ratio
@@ -204,9 +204,13 @@ def fake_quantize_int4(
 ) -> torch.Tensor:
     """``dequantize(quantize(w))`` as fp32 ``[N, K]`` without packing (for searches)."""
     scale, zero = int4_params(w, group_size, clip_ratio)
-    gw = _grouped(w.float(), group_size)
-    q = (torch.round(gw / scale[..., None]) + zero[..., None]).clamp_(0, 15)
-    return ((q - zero[..., None]) * scale[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    s, z = scale[..., None], zero[..., None].float()
+    # One new [N, G, gs] tensor, then in-place steps: the same operations in the same order
+    # as the out-of-place form, without a fresh weight-sized allocation per step (distillation
+    # with fake quantization rounds every trained weight on every forward).
+    q = _grouped(w.float(), group_size) / s
+    q.round_().add_(z).clamp_(0, 15).sub_(z).mul_(s)
+    return q.reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
 # ------------------------------------------------------------------------------------ fp8
