@@ -47,6 +47,7 @@ __all__ = [
     "load_texts",
     "paraphrase_prompts",
     "sample_continuations",
+    "sampled_batch",
     "save_shards",
     "teacher_generate",
     "teacher_topk",
@@ -311,6 +312,17 @@ def sample_continuations(model: Any, prompts: torch.Tensor, new_tokens: int, *,
     finally:
         model.train(was)
     return out[:, : prompts.shape[1] + new_tokens]
+
+
+def sampled_batch(model: Any, prompts: torch.Tensor, new_tokens: int, *,
+                  temperature: float = 1.0) -> DistillData:
+    """:func:`sample_continuations` of ``prompts [B, P]`` as ``DistillData [B, P + new_tokens]``
+    whose loss mask covers the sampled tokens only (on-policy batches: the prompt is context,
+    not a target)."""
+    out = sample_continuations(model, prompts, new_tokens, temperature=temperature)
+    mask = torch.zeros_like(out, dtype=torch.bool)
+    mask[:, prompts.shape[1]:] = True
+    return DistillData(out, mask)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import DistillConfig
-from .data import DistillData, sample_continuations, token_windows, training_text
+from .data import DistillData, sampled_batch, token_windows, training_text
 from .recipes import layer_truncated
 from .trainer import distill
 
@@ -108,13 +108,10 @@ def draft_samples(draft: nn.Module, data: DistillData, n: int, prompt_len: int, 
         raise ValueError(f"prompt_len must be in [1, {ids.shape[1] - 1}], got {prompt_len}")
     prompts = ids[torch.arange(n) % ids.shape[0], :prompt_len]
     torch.manual_seed(seed)
-    out = torch.cat([
-        sample_continuations(draft, prompts[i: i + batch_size], ids.shape[1] - prompt_len,
-                             temperature=temperature)
-        for i in range(0, n, batch_size)])
-    mask = torch.zeros_like(out, dtype=torch.bool)
-    mask[:, prompt_len:] = True
-    return DistillData(out, mask)
+    parts = [sampled_batch(draft, prompts[i: i + batch_size], ids.shape[1] - prompt_len,
+                           temperature=temperature) for i in range(0, n, batch_size)]
+    return DistillData(torch.cat([b.input_ids for b in parts]),
+                       torch.cat([b.loss_mask for b in parts]))
 
 
 def int4_draft(model: nn.Module, group_size: int = 128) -> nn.Module:
@@ -243,8 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher = target.to(torch.bfloat16)  # in place: no second copy of the target
         del target
     t0 = time.perf_counter()
-    res = distill(student, teacher, data if args.draft_data else DistillData(data.input_ids),
-                  cfg)
+    res = distill(student, teacher, data, cfg)
     train_s = time.perf_counter() - t0
     if args.dtype == "bf16":
         del teacher

@@ -29,7 +29,7 @@ from ..module_walk import matches_any
 from .align import HiddenStateLoss, check_vocab, map_teacher_logits
 from .checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillConfig
-from .data import DistillData, sample_continuations
+from .data import DistillData, sampled_batch
 from .losses import chunked_distill_loss
 from .student_linear import attach, export_int4, merge
 
@@ -280,12 +280,9 @@ def distill(
                 batch = data.rows(_rows(cfg, n_seq, micro))
                 if cfg.lmbda > 0 and torch.rand(()).item() < cfg.lmbda:
                     ids = batch.input_ids
-                    gen = sample_continuations(student, ids[:, : cfg.prompt_len],
-                                               ids.shape[1] - cfg.prompt_len,
-                                               temperature=cfg.gen_temperature)
-                    mask = torch.zeros_like(gen, dtype=torch.bool)
-                    mask[:, cfg.prompt_len:] = True
-                    batch = DistillData(gen, mask)
+                    batch = sampled_batch(student, ids[:, : cfg.prompt_len],
+                                          ids.shape[1] - cfg.prompt_len,
+                                          temperature=cfg.gen_temperature)
                 parts = _micro_loss(student, teacher, batch, cfg, token_map, matcher)
                 loss = parts.loss / cfg.grad_accum
                 if not torch.isfinite(loss):
