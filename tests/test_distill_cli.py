@@ -140,9 +140,15 @@ def test_distillspec_with_a_separate_draft_model(models, tmp_path, capsys):
                        str(models / "student"), "--int4-draft", "--lora-rank", "2",
                        "--steps", "2", "--batch-size", "2", "--seq-len", "24",
                        "--prompt-len", "8", "--prompts", "2", "--new-tokens", "6",
-                       "--json", str(out)]) == 0
+                       "--eval-tokens", "40", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["draft_model"] == str(models / "student") and res["int4"] is True
+    # both drafts' quality against the target, per domain
+    for name in ("undistilled", "distilled"):
+        assert set(res["quality"][name]) == {"prose", "code", "chat"}
+        for q in res["quality"][name].values():
+            assert q["n_tokens"] == 39 and q["kl"] > 0 and 0 <= q["top1"] <= 1
+            assert q["ppl_draft"] > 1 and q["ppl_target"] > 1
     assert res["config"]["fields"]["lora_rank"] == 2
     assert res["config"]["fields"]["fake_quant"] == "int4"
     for name in ("undistilled", "distilled"):
@@ -159,6 +165,12 @@ def test_distillspec_with_a_separate_draft_model(models, tmp_path, capsys):
                     str(models / "student"), "--keep", "0,1"])
     assert e.value.code == 2
     assert "--keep applies to --draft layers only" in capsys.readouterr().err
+    for bad, msg in (("-1", "--eval-tokens must be >= 0, got -1"),
+                     ("100000", "(the held-out articles' length in this model's tokens), got "
+                      "100000")):
+        with pytest.raises(SystemExit):
+            draft.main(["--model", str(models / "teacher"), "--eval-tokens", bad])
+        assert msg in capsys.readouterr().err
 
 
 def test_distillspec_layer_draft_keeps_the_first_six_and_the_last_layer(models, tmp_path):

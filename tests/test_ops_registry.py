@@ -166,6 +166,34 @@ def test_build_failure_reason_is_short_compiler_error(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "extensions").is_dir()  # INFOPT_CACHE honoured
 
 
+def test_build_after_a_killed_build_does_not_wait_forever(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's baton file ("lock") in the build directory; the
+    next load must not wait on it forever (it runs under infopt's own flock instead)."""
+    import threading
+
+    monkeypatch.setenv("INFOPT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src" / "ok.cpp"
+    src.parent.mkdir()
+    src.write_text("extern \"C\" int infopt_test_answer() { return 42; }\n")
+    build_dir = extensions._build_dir("infopt_test_ok", [src], ["-O0"])
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").touch()  # what a killed build leaves behind
+    errors: list[BaseException] = []
+
+    def build():
+        try:
+            extensions._build_and_load("infopt_test_ok", [src], ["-O0"], [])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=build, daemon=True)
+    t.start()
+    t.join(timeout=300)
+    assert not t.is_alive(), "the build waited on the stale baton file"
+    assert not errors, errors
+    assert (build_dir / "infopt_test_ok.so").is_file() and not (build_dir / "lock").exists()
+
+
 def test_build_dir_keyed_by_sources_and_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("INFOPT_CACHE", str(tmp_path))
     src = tmp_path / "a" / "k.cpp"

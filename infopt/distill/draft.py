@@ -31,14 +31,19 @@ from .data import DistillData, sampled_batch, token_windows, training_text
 from .recipes import layer_truncated
 from .trainer import distill
 
-__all__ = ["draft_samples", "heldout_prompts", "int4_draft", "measure_speculative"]
+__all__ = ["draft_quality", "draft_samples", "heldout_prompts", "int4_draft",
+           "measure_speculative"]
+
+#: Lee articles the held-out prompts and the prose evaluation come from (training uses
+#: :data:`~.data.TRAIN_ARTICLES`, which starts after them)
+HELDOUT_ARTICLES = slice(0, 40)
 
 
 def heldout_prompts(tokenizer: Any, n: int = 8, n_words: int = 24) -> list[torch.Tensor]:
     """Prompts ``[1, P]`` from Lee articles 0-39 (never in :data:`~.data.TRAIN_ARTICLES`)."""
     from ..eval.texts import lee_articles
 
-    arts = lee_articles()[:40]
+    arts = lee_articles()[HELDOUT_ARTICLES]
     picks = [arts[i * len(arts) // n] for i in range(n)]
     return [torch.tensor([tokenizer(" ".join(a.split()[:n_words]))["input_ids"]])
             for a in picks]
@@ -92,6 +97,35 @@ def measure_speculative(target: nn.Module, drafts: dict[str, nn.Module],
                       "identical": same[name], "acceptance_rate": st.acceptance_rate,
                       "mean_accepted_length": st.mean_accepted_length}
     return rows
+
+
+def heldout_prose_tokens(tokenizer: Any) -> int:
+    """How many tokens of the ``prose`` evaluation domain lie in the held-out articles (the
+    domain is the Lee corpus from article 0, so its first tokens are never trained on)."""
+    from ..eval.texts import lee_articles
+
+    text = "\n".join(lee_articles()[HELDOUT_ARTICLES])
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+@torch.no_grad()
+def draft_quality(target: nn.Module, drafts: dict[str, nn.Module], tokenizer: Any,
+                  max_tokens: int = 1024) -> dict[str, dict[str, dict[str, float]]]:
+    """Each draft against the target on the prose, code and chat evaluation domains (the
+    first ``max_tokens`` tokens of each, :func:`infopt.eval.compare_domains`):
+    ``{draft: {domain: {ppl_target, ppl_draft, kl, top1, n_tokens}}}``. KL(target || draft)
+    and top-1 agreement bound what a draft can be accepted at; a draft distilled on one domain
+    can gain there and lose on the others, which this shows."""
+    from ..eval.domains import compare_domains
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, draft in drafts.items():
+        res = compare_domains(target, draft, tokenizer, max_tokens=max_tokens,
+                              window=min(512, max_tokens))
+        out[name] = {d: {"ppl_target": q.ppl_ref, "ppl_draft": q.ppl_cand, "kl": q.kl_mean,
+                         "top1": q.top1_agreement, "n_tokens": q.n_tokens}
+                     for d, q in res.items()}
+    return out
 
 
 @torch.no_grad()
@@ -178,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=64,
                    help="positions per chunk of the loss: at most [batch, chunk, vocab] logits "
                    "exist at once (Qwen's vocabulary is 152k)")
+    p.add_argument("--eval-tokens", type=int, default=1024,
+                   help="quality of both drafts against the target (KL, top-1, perplexity) on "
+                   "the first N tokens of the prose, code and chat domains; prose is held-out "
+                   "news, code and chat are outside the training text (0: skip)")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="save the distilled draft here (load_model)")
     args = p.parse_args(argv)
@@ -192,9 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.trainable is not None and args.lora_rank:
         p.error("--trainable selects weights for full training; with --lora-rank the adapters "
                 "are what trains")
+    if args.eval_tokens < 0:
+        p.error(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
     int4 = args.draft == "int4" or args.int4_draft
 
     target, tok = load_model(args.model, dtype=torch.float32)
+    if args.eval_tokens > (limit := heldout_prose_tokens(tok)):
+        p.error(f"--eval-tokens must be <= {limit} (the held-out articles' length in this "
+                f"model's tokens), got {args.eval_tokens}")
     cfg = DistillConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
                         lmbda=args.lmbda, prompt_len=args.prompt_len, lr=args.lr,
                         warmup_steps=max(1, args.steps // 10), frozen=("*embed_tokens*",),
@@ -259,17 +302,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         export_student(student, tok, args.out)
     prompts = heldout_prompts(tok, args.prompts)
-    rows = measure_speculative(target, {"undistilled": base, "distilled": student}, prompts,
-                               args.new_tokens, args.draft_tokens)
+    drafts = {"undistilled": base, "distilled": student}
+    rows = measure_speculative(target, drafts, prompts, args.new_tokens, args.draft_tokens)
+    quality = (draft_quality(target, drafts, tok, args.eval_tokens) if args.eval_tokens
+               else None)
     out = {"model": args.model, "draft": args.draft, "draft_model": args.draft_model,
            "int4": int4, "keep": keep, "config": cfg.to_dict(),
            "train_seconds": train_s, "draft_data": args.draft_data, "draft_data_seconds": gen_s,
-           "history": res.history, "threads": torch.get_num_threads(), "rows": rows}
+           "history": res.history, "threads": torch.get_num_threads(), "rows": rows,
+           "quality": quality}
     for name, r in rows.items():
         extra = "" if name == "target" else (
             f"  acceptance {r['acceptance_rate']:.3f}  mean accepted "
             f"{r['mean_accepted_length']:.2f}  identical {r['identical']}")
         print(f"{name:<12} {r['seconds']:7.2f} s  speedup {r['speedup']:.3f}{extra}")
+    for name, doms in (quality or {}).items():
+        print(f"{name:<12} vs target: " + "  ".join(
+            f"{d} KL {q['kl']:.4f} top-1 {q['top1']:.3f} ppl {q['ppl_draft']:.2f}"
+            for d, q in doms.items()))
     print(f"trained {train_s:.0f} s; distilled / undistilled speedup "
           f"{rows['distilled']['speedup'] / rows['undistilled']['speedup']:.3f}")
     if args.json:

@@ -106,6 +106,10 @@ def _build_and_load(
     build_dir = _build_dir(name, sources, cflags + ldflags + (cuda_cflags or []))
     build_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(build_dir / ".infopt.lock"):
+        # torch's own build baton (a "lock" file in the build directory) stays behind when a
+        # build is killed, and every later load then waits for it forever. Under this flock no
+        # other infopt process is building here, so a baton that exists now is stale.
+        (build_dir / "lock").unlink(missing_ok=True)
         cpp_extension.load(
             name=name,
             sources=[str(s) for s in sources],
