@@ -113,9 +113,10 @@ def draft_quality(target: nn.Module, drafts: dict[str, nn.Module], tokenizer: An
                   max_tokens: int = 1024) -> dict[str, dict[str, dict[str, float]]]:
     """Each draft against the target on the prose, code and chat evaluation domains (the
     first ``max_tokens`` tokens of each, :func:`infopt.eval.compare_domains`):
-    ``{draft: {domain: {ppl_target, ppl_draft, kl, top1, n_tokens}}}``. KL(target || draft)
-    and top-1 agreement bound what a draft can be accepted at; a draft distilled on one domain
-    can gain there and lose on the others, which this shows."""
+    ``{draft: {domain: {ppl_target, ppl_draft, kl, top1, n_tokens}}}``. Top-1 agreement on
+    text is what greedy verification would accept per position if the target had written it
+    (acceptance on the target's own continuations can differ); a draft distilled on one
+    domain can gain there and lose on the others, which this shows."""
     from ..eval.domains import compare_domains
 
     out: dict[str, dict[str, dict[str, float]]] = {}
