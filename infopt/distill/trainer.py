@@ -142,10 +142,12 @@ def _micro_loss(student, teacher, batch: DistillData, cfg, token_map, matcher) -
         t_h = t_h[:, :-1]
         teacher_spec = (t_h, t_head) if chunked else (
             t_h if token_map is None else t_head(t_h))
-    if cfg.dtype == "bf16" and s_head is not None:
-        s_head = _under(amp, s_head)  # the [c, H] x [H, V] head matmuls in bf16 too
-    if cfg.dtype == "bf16" and chunked and batch.targets is None:
-        teacher_spec = (teacher_spec[0], _under(amp, teacher_spec[1]))
+    if chunked and cfg.dtype == "bf16":
+        # the chunked loss applies the heads later, outside ``amp``: their [c, H] x [H, V]
+        # matmuls in bf16 too
+        s_head = _under(amp, s_head)
+        if batch.targets is None:
+            teacher_spec = (teacher_spec[0], _under(amp, teacher_spec[1]))
     parts = chunked_distill_loss(
         s_h[:, :-1], s_head or _identity, teacher_spec, labels, kind=cfg.loss, alpha=cfg.alpha,
         beta=cfg.beta, temperature=cfg.temperature, mask=mask, chunk_size=cfg.chunk_size)
