@@ -184,7 +184,7 @@ def test_distillspec_layer_draft_keeps_the_first_six_and_the_last_layer(models, 
     out = tmp_path / "ds.json"
     assert draft.main(["--model", str(tmp_path / "deep"), "--steps", "1", "--batch-size", "2",
                        "--seq-len", "24", "--prompt-len", "8", "--prompts", "1",
-                       "--new-tokens", "4", "--json", str(out)]) == 0
+                       "--new-tokens", "4", "--accept-prompts", "0", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["keep"] == [0, 1, 2, 3, 4, 5, 7]
 
 
@@ -218,7 +218,7 @@ def test_distillspec_int4_self_draft_on_draft_generated_data_in_bf16(models, tmp
                        "--trainable", "*down_proj*,*o_proj*", "--draft-data", "3",
                        "--lmbda", "0", "--steps", "2", "--batch-size", "2", "--seq-len", "24",
                        "--prompt-len", "8", "--prompts", "2", "--new-tokens", "6",
-                       "--chunk-size", "5", "--json", str(out)]) == 0
+                       "--chunk-size", "5", "--accept-prompts", "0", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     fields = res["config"]["fields"]
     assert res["draft_data"] == 3 and fields["dtype"] == "bf16" and fields["chunk_size"] == 5
@@ -232,3 +232,92 @@ def test_distillspec_int4_self_draft_on_draft_generated_data_in_bf16(models, tmp
         with pytest.raises(SystemExit):
             draft.main(["--model", str(models / "teacher"), "--draft", "int4", *bad])
         assert msg in capsys.readouterr().err
+
+
+def test_target_samples_are_the_targets_greedy_continuations_of_distinct_prompts(models):
+    """Sequence-level KD data for greedy speculation: evenly spaced, distinct training prompts,
+    each continued by the target's own greedy output; only the generated tokens count."""
+    from transformers import AutoTokenizer
+
+    from infopt.distill.data import token_windows, training_text
+    from infopt.distill.draft import target_samples
+
+    tok = AutoTokenizer.from_pretrained(models / "teacher")
+    target = infopt.load_model(str(models / "teacher"), dtype=torch.float32)[0]
+    target.generation_config.eos_token_id = None  # every row runs to its full length
+    out = target_samples(target, tok, 3, 6, 14, max_num_seqs=2)
+    windows = token_windows(tok, training_text(), 6).input_ids
+    picks = windows[torch.arange(3) * windows.shape[0] // 3]
+    assert out.input_ids.shape == (3, 14) and len({tuple(r) for r in picks.tolist()}) == 3
+    assert torch.equal(out.input_ids[:, :6], picks)
+    assert not out.loss_mask[:, :6].any() and out.loss_mask[:, 6:].all()
+    with torch.no_grad():
+        ref = target.generate(picks[1:2], attention_mask=torch.ones_like(picks[1:2]),
+                              do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(out.input_ids[1], ref[0])
+    with pytest.raises(ValueError, match=r"n must be in \[1, "):
+        target_samples(target, tok, 0, 6, 14)
+    with pytest.raises(ValueError, match=r"prompt_len must be in \[1, 5\]"):
+        target_samples(target, tok, 2, 6, 6)
+
+
+def test_distillspec_on_target_generated_data(models, tmp_path, capsys):
+    from infopt.distill import draft
+
+    out = tmp_path / "ds.json"
+    assert draft.main(["--model", str(models / "teacher"), "--draft", "model", "--draft-model",
+                       str(models / "student"), "--teacher-data", "3", "--lmbda", "0",
+                       "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                       "--prompt-len", "6", "--prompts", "1", "--new-tokens", "4",
+                       "--eval-tokens", "0", "--accept-prompts", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["teacher_data"] == 3 and res["data_seconds"] > 0
+    replay = res["replayed_acceptance"]
+    assert set(replay) == {"undistilled", "distilled"}
+    assert replay["distilled"]["n_tokens"] <= 2 * 4
+    assert set(replay["distilled"]["accepted_per_step"]) == {"1", "2", "3", "4", "6"}
+    assert res["rows"]["distilled"]["identical"] is True
+    assert "target-generated data: 3 x 16 tokens" in capsys.readouterr().out
+    for bad, msg in ((["--teacher-data", "-2"], "--teacher-data must be >= 0, got -2"),
+                     (["--teacher-data", "2", "--draft-data", "2"],
+                      "--teacher-data and --draft-data each replace the training text"),
+                     (["--accept-prompts", "41"], "--accept-prompts must be in [0, 40]")):
+        with pytest.raises(SystemExit):
+            draft.main(["--model", str(models / "teacher"), *bad])
+        assert msg in capsys.readouterr().err
+
+
+def test_accepted_per_step_replays_greedy_verification():
+    from infopt.distill.draft import accepted_per_step
+
+    row = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
+    # k=2: accept 0-1 (target writes 2), accept 3-4 (bonus 5), accept 6-7: 6 in 3 steps
+    assert accepted_per_step([row], 2) == 2.0
+    # k=4: accept 0-1 (target writes 2), accept 3-6 (bonus 7): 6 in 2 steps
+    assert accepted_per_step([row], 4) == 3.0
+    # a row of rejections: one target token per step, nothing accepted
+    assert accepted_per_step([row, torch.zeros(3, dtype=torch.bool)], 1) == (1 + 1 + 1) / (
+        3 + 3)
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        accepted_per_step([row], 0)
+
+
+def test_greedy_acceptance_of_the_target_itself_is_total(models):
+    """The target as its own draft agrees everywhere: k tokens accepted per step but at a
+    row's end; a different draft agrees less, and bad prompt counts are refused."""
+    from transformers import AutoTokenizer
+
+    from infopt.distill.draft import greedy_acceptance
+
+    tok = AutoTokenizer.from_pretrained(models / "teacher")
+    target = infopt.load_model(str(models / "teacher"), dtype=torch.float32)[0]
+    target.generation_config.eos_token_id = None
+    student = infopt.load_model(str(models / "student"), dtype=torch.float32)[0]
+    res = greedy_acceptance(target, {"self": target, "other": student}, tok, 3, 9, ks=(1, 4))
+    assert res["self"]["agreement"] == 1.0 and res["self"]["n_tokens"] == 3 * 9
+    # 9 tokens per row: k=4 accepts 4 (+1 bonus), then the last 4: 2 steps, 8 accepted
+    # k=1: one accepted + one bonus per step, the fifth step at the last token
+    assert res["self"]["accepted_per_step"] == {1: 1.0, 4: 4.0}
+    assert 0 <= res["other"]["agreement"] < 1
+    with pytest.raises(ValueError, match=r"n_prompts must be in \[1, 40\]"):
+        greedy_acceptance(target, {"self": target}, tok, 41, 4)

@@ -9,6 +9,9 @@ the target scores every token), as DistillSpec recommends; the divergence follow
 decoding mode: greedy verification accepts a draft token when the argmaxes agree, which
 forward KL (mass-covering, and the target's mode gets the most weight) serves; for
 sampling, acceptance is ``1 - TVD(p, q)`` per token, so ``loss="tvd"`` is the direct choice.
+``--teacher-data N`` trains on the target's own greedy continuations instead (sequence-level
+KD, :func:`target_samples`): under greedy verification every accepted token is the target's,
+so these are exactly the contexts the draft is asked to continue.
 
 ``python -m infopt.distill.draft`` runs the whole experiment on the default model and prints
 acceptance and speedup of the undistilled and the distilled draft on held-out prompts.
@@ -27,12 +30,12 @@ import torch
 import torch.nn as nn
 
 from .config import DistillConfig
-from .data import DistillData, sampled_batch, token_windows, training_text
+from .data import DistillData, sampled_batch, teacher_generate, token_windows, training_text
 from .recipes import layer_truncated
 from .trainer import distill
 
-__all__ = ["draft_quality", "draft_samples", "heldout_prompts", "int4_draft",
-           "measure_speculative"]
+__all__ = ["accepted_per_step", "draft_quality", "draft_samples", "greedy_acceptance",
+           "heldout_prompts", "int4_draft", "measure_speculative", "target_samples"]
 
 #: Lee articles the held-out prompts and the prose evaluation come from (training uses
 #: :data:`~.data.TRAIN_ARTICLES`, which starts after them)
@@ -108,6 +111,55 @@ def heldout_prose_tokens(tokenizer: Any) -> int:
     return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def accepted_per_step(agree: Sequence[torch.Tensor], k: int) -> float:
+    """Mean draft tokens greedy verification accepts per target step with ``k`` draft tokens,
+    replayed from agreement rows (bool ``[T_i]``: the draft's argmax equals the target's greedy
+    token at each position of the target's own continuation). A step accepts the run of
+    agreeing positions (at most ``k``); the target then writes the next token itself (the
+    correction, or the bonus token after ``k`` accepted)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    tot = steps = 0
+    for row in agree:
+        g = row.tolist()
+        j = 0
+        while j < len(g):
+            n = 0
+            while n < k and j + n < len(g) and g[j + n]:
+                n += 1
+            tot, steps, j = tot + n, steps + 1, j + n + 1
+    return tot / max(steps, 1)
+
+
+@torch.no_grad()
+def greedy_acceptance(target: nn.Module, drafts: dict[str, nn.Module], tokenizer: Any,
+                      n_prompts: int = 40, new_tokens: int = 48,
+                      ks: Sequence[int] = (1, 2, 3, 4, 6)) -> dict[str, dict[str, Any]]:
+    """Greedy acceptance on many held-out prompts without timing each: the target writes its
+    greedy continuation of ``n_prompts`` held-out prompts (batching engine), each draft scores
+    it in one teacher-forced forward, and :func:`accepted_per_step` replays verification.
+    Exact for greedy decoding (every accepted token is the target's, so the draft sees these
+    very prefixes) up to kernel rounding, and at the cost of a few forwards instead of a timed
+    decode per prompt, so the sample can be large. Returns ``{draft: {agreement, n_tokens,
+    accepted_per_step: {k: mean}}}``."""
+    if not 1 <= n_prompts <= (n_art := HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start):
+        raise ValueError(f"n_prompts must be in [1, {n_art}] (one per held-out article), "
+                         f"got {n_prompts}")
+    prompts = heldout_prompts(tokenizer, n_prompts)
+    data = teacher_generate(target, tokenizer, [p[0].tolist() for p in prompts], new_tokens)
+    out: dict[str, dict[str, Any]] = {}
+    for name, draft in drafts.items():
+        rows = []
+        for ids, mask in zip(data.input_ids, data.loss_mask):
+            end = int(mask.nonzero().max()) + 1
+            pred = draft(ids[None, :end]).logits[0, :-1].argmax(-1)
+            rows.append((pred == ids[1:end])[mask[1:end]])
+        flat = torch.cat(rows)
+        out[name] = {"agreement": flat.float().mean().item(), "n_tokens": flat.numel(),
+                     "accepted_per_step": {k: accepted_per_step(rows, k) for k in ks}}
+    return out
+
+
 @torch.no_grad()
 def draft_quality(target: nn.Module, drafts: dict[str, nn.Module], tokenizer: Any,
                   max_tokens: int = 1024) -> dict[str, dict[str, dict[str, float]]]:
@@ -147,6 +199,32 @@ def draft_samples(draft: nn.Module, data: DistillData, n: int, prompt_len: int, 
                            temperature=temperature) for i in range(0, n, batch_size)]
     return DistillData(torch.cat([b.input_ids for b in parts]),
                        torch.cat([b.loss_mask for b in parts]))
+
+
+@torch.no_grad()
+def target_samples(target: nn.Module, tokenizer: Any, n: int, prompt_len: int, seq_len: int, *,
+                   max_num_seqs: int = 32) -> DistillData:
+    """``n`` sequences the *target* writes greedily through the batching engine: distinct
+    ``prompt_len``-token windows of the training text continued to ``seq_len`` tokens
+    (sequence-level KD). Greedy speculative decoding always conditions the draft on the
+    target's own greedy output, so these are the contexts where acceptance is decided. Rows
+    that reach EOS early are padded; the loss mask covers the generated tokens only."""
+    windows = token_windows(tokenizer, training_text(), prompt_len).input_ids
+    if not 0 < n <= windows.shape[0]:
+        raise ValueError(f"n must be in [1, {windows.shape[0]}] (distinct {prompt_len}-token "
+                         f"prompts in the training text), got {n}")
+    if not 0 < prompt_len < seq_len:
+        raise ValueError(f"prompt_len must be in [1, {seq_len - 1}], got {prompt_len}")
+    # evenly spaced windows so the prompts cover every training article, not the first few
+    picks = windows[torch.arange(n) * windows.shape[0] // n]
+    data = teacher_generate(target, tokenizer, picks.tolist(), seq_len - prompt_len,
+                            max_num_seqs=max_num_seqs)
+    ids, mask = data.input_ids, data.loss_mask
+    if ids.shape[1] < seq_len:  # every row stopped early: pad to the promised width
+        pad = seq_len - ids.shape[1]
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), int(ids[0, -1]))], 1)
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1)
+    return DistillData(ids, mask)
 
 
 def int4_draft(model: nn.Module, group_size: int = 128) -> nn.Module:
@@ -210,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="train on N sequences the undistilled draft samples once, up front, "
                    "from training prompts (its fast inference weights; --lmbda then applies "
                    "to those) instead of on the training text (0: off)")
+    p.add_argument("--teacher-data", type=int, default=0,
+                   help="train on N sequences the target writes greedily from distinct "
+                   "training prompts (through the batching engine) instead of on the training "
+                   "text: the contexts greedy speculation conditions the draft on (0: off)")
     p.add_argument("--chunk-size", type=int, default=64,
                    help="positions per chunk of the loss: at most [batch, chunk, vocab] logits "
                    "exist at once (Qwen's vocabulary is 152k)")
@@ -217,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="quality of both drafts against the target (KL, top-1, perplexity) on "
                    "the first N tokens of the prose, code and chat domains; prose is held-out "
                    "news, code and chat are outside the training text (0: skip)")
+    p.add_argument("--accept-prompts", type=int, default=40,
+                   help="replayed greedy acceptance (greedy_acceptance) of both drafts on the "
+                   "target's continuations of N held-out prompts: a larger sample than the "
+                   "timed --prompts (0: skip)")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="save the distilled draft here (load_model)")
     args = p.parse_args(argv)
@@ -228,9 +314,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.draft_data < 0:
         p.error(f"--draft-data must be >= 0, got {args.draft_data}")
+    if args.teacher_data < 0:
+        p.error(f"--teacher-data must be >= 0, got {args.teacher_data}")
+    if args.teacher_data and args.draft_data:
+        p.error("--teacher-data and --draft-data each replace the training text; give one")
     if args.trainable is not None and args.lora_rank:
         p.error("--trainable selects weights for full training; with --lora-rank the adapters "
                 "are what trains")
+    if not 0 <= args.accept_prompts <= HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start:
+        p.error(f"--accept-prompts must be in [0, "
+                f"{HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start}] (one per held-out article), "
+                f"got {args.accept_prompts}")
     if args.eval_tokens < 0:
         p.error(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
     int4 = args.draft == "int4" or args.int4_draft
@@ -269,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             int4_draft(base, cfg.group_size)
     data = token_windows(tok, training_text(), args.seq_len)
     gen_s = 0.0
+    if args.teacher_data:
+        t0 = time.perf_counter()
+        data = target_samples(target, tok, args.teacher_data, args.prompt_len, args.seq_len)
+        gen_s = time.perf_counter() - t0
+        print(f"target-generated data: {args.teacher_data} x {args.seq_len} tokens in "
+              f"{gen_s:.0f} s", flush=True)
     if args.draft_data:
         t0 = time.perf_counter()
         data = draft_samples(base, data, args.draft_data, args.prompt_len,
@@ -307,11 +407,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = measure_speculative(target, drafts, prompts, args.new_tokens, args.draft_tokens)
     quality = (draft_quality(target, drafts, tok, args.eval_tokens) if args.eval_tokens
                else None)
+    ks = sorted({1, 2, 3, 4, 6, args.draft_tokens})
+    replay = (greedy_acceptance(target, drafts, tok, args.accept_prompts, args.new_tokens, ks)
+              if args.accept_prompts else None)
     out = {"model": args.model, "draft": args.draft, "draft_model": args.draft_model,
            "int4": int4, "keep": keep, "config": cfg.to_dict(),
-           "train_seconds": train_s, "draft_data": args.draft_data, "draft_data_seconds": gen_s,
+           "train_seconds": train_s, "draft_data": args.draft_data,
+           "teacher_data": args.teacher_data, "data_seconds": gen_s,
            "history": res.history, "threads": torch.get_num_threads(), "rows": rows,
-           "quality": quality}
+           "quality": quality, "replayed_acceptance": replay}
     for name, r in rows.items():
         extra = "" if name == "target" else (
             f"  acceptance {r['acceptance_rate']:.3f}  mean accepted "
@@ -321,6 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:<12} vs target: " + "  ".join(
             f"{d} KL {q['kl']:.4f} top-1 {q['top1']:.3f} ppl {q['ppl_draft']:.2f}"
             for d, q in doms.items()))
+    for name, r in (replay or {}).items():
+        print(f"{name:<12} replayed on {args.accept_prompts} prompts: agreement "
+              f"{r['agreement']:.3f}, accepted per step " + "  ".join(
+                  f"k={k}: {v:.2f}" for k, v in r["accepted_per_step"].items()))
+    if replay:
+        k = args.draft_tokens
+        gain = ((1 + replay["distilled"]["accepted_per_step"][k])
+                / (1 + replay["undistilled"]["accepted_per_step"][k]))
+        print(f"replayed tokens per target step at k={k}, distilled / undistilled: {gain:.3f}")
     print(f"trained {train_s:.0f} s; distilled / undistilled speedup "
           f"{rows['distilled']['speedup'] / rows['undistilled']['speedup']:.3f}")
     if args.json:
