@@ -30,7 +30,14 @@ import torch
 import torch.nn as nn
 
 from .config import DistillConfig
-from .data import DistillData, sampled_batch, teacher_generate, token_windows, training_text
+from .data import (
+    DistillData,
+    _pad_id,
+    sampled_batch,
+    teacher_generate,
+    token_windows,
+    training_text,
+)
 from .recipes import layer_truncated
 from .trainer import distill
 
@@ -151,6 +158,8 @@ def greedy_acceptance(target: nn.Module, drafts: dict[str, nn.Module], tokenizer
     for name, draft in drafts.items():
         rows = []
         for ids, mask in zip(data.input_ids, data.loss_mask):
+            if not mask.any():  # the target wrote EOS first: nothing to propose against
+                continue
             end = int(mask.nonzero().max()) + 1
             pred = draft(ids[None, :end]).logits[0, :-1].argmax(-1)
             rows.append((pred == ids[1:end])[mask[1:end]])
@@ -222,7 +231,7 @@ def target_samples(target: nn.Module, tokenizer: Any, n: int, prompt_len: int, s
     ids, mask = data.input_ids, data.loss_mask
     if ids.shape[1] < seq_len:  # every row stopped early: pad to the promised width
         pad = seq_len - ids.shape[1]
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), int(ids[0, -1]))], 1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), _pad_id(target, tokenizer))], 1)
         mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1)
     return DistillData(ids, mask)
 
