@@ -145,10 +145,13 @@ def greedy_acceptance(target: nn.Module, drafts: dict[str, nn.Module], tokenizer
     """Greedy acceptance on many held-out prompts without timing each: the target writes its
     greedy continuation of ``n_prompts`` held-out prompts (batching engine), each draft scores
     it in one teacher-forced forward, and :func:`accepted_per_step` replays verification.
-    Exact for greedy decoding (every accepted token is the target's, so the draft sees these
-    very prefixes) up to kernel rounding, and at the cost of a few forwards instead of a timed
-    decode per prompt, so the sample can be large. Returns ``{draft: {agreement, n_tokens,
-    accepted_per_step: {k: mean}}}``."""
+    Every accepted token is the target's, so the draft sees these very prefixes; but the
+    teacher-forced forward runs the draft's multi-token kernels and the engine writes the
+    continuations, where timed decoding runs single-token steps after HF's greedy output, so
+    this is an estimate (measured: 1.100x tokens per step where the timed run gave 1.068x,
+    docs/results.md). It costs a few forwards instead of a timed decode per prompt, so the
+    sample can be large. Returns ``{draft: {agreement, n_tokens, accepted_per_step: {k:
+    mean}}}``."""
     if not 1 <= n_prompts <= (n_art := HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start):
         raise ValueError(f"n_prompts must be in [1, {n_art}] (one per held-out article), "
                          f"got {n_prompts}")
