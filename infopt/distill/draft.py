@@ -47,6 +47,8 @@ __all__ = ["accepted_per_step", "draft_quality", "draft_samples", "greedy_accept
 #: Lee articles the held-out prompts and the prose evaluation come from (training uses
 #: :data:`~.data.TRAIN_ARTICLES`, which starts after them)
 HELDOUT_ARTICLES = slice(0, 40)
+#: how many held-out articles (and distinct held-out prompts) there are
+N_HELDOUT = HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start
 
 
 def heldout_prompts(tokenizer: Any, n: int = 8, n_words: int = 24) -> list[torch.Tensor]:
@@ -152,8 +154,8 @@ def greedy_acceptance(target: nn.Module, drafts: dict[str, nn.Module], tokenizer
     docs/results.md). It costs a few forwards instead of a timed decode per prompt, so the
     sample can be large. Returns ``{draft: {agreement, n_tokens, accepted_per_step: {k:
     mean}}}``."""
-    if not 1 <= n_prompts <= (n_art := HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start):
-        raise ValueError(f"n_prompts must be in [1, {n_art}] (one per held-out article), "
+    if not 1 <= n_prompts <= N_HELDOUT:
+        raise ValueError(f"n_prompts must be in [1, {N_HELDOUT}] (one per held-out article), "
                          f"got {n_prompts}")
     prompts = heldout_prompts(tokenizer, n_prompts)
     data = teacher_generate(target, tokenizer, [p[0].tolist() for p in prompts], new_tokens)
@@ -333,9 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.trainable is not None and args.lora_rank:
         p.error("--trainable selects weights for full training; with --lora-rank the adapters "
                 "are what trains")
-    if not 0 <= args.accept_prompts <= HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start:
-        p.error(f"--accept-prompts must be in [0, "
-                f"{HELDOUT_ARTICLES.stop - HELDOUT_ARTICLES.start}] (one per held-out article), "
+    if not 0 <= args.accept_prompts <= N_HELDOUT:
+        p.error(f"--accept-prompts must be in [0, {N_HELDOUT}] (one per held-out article), "
                 f"got {args.accept_prompts}")
     if args.eval_tokens < 0:
         p.error(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
@@ -373,7 +374,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         student = copy.deepcopy(base)
         if int4:
             int4_draft(base, cfg.group_size)
-    data = token_windows(tok, training_text(), args.seq_len)
     gen_s = 0.0
     if args.teacher_data:
         t0 = time.perf_counter()
@@ -381,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen_s = time.perf_counter() - t0
         print(f"target-generated data: {args.teacher_data} x {args.seq_len} tokens in "
               f"{gen_s:.0f} s", flush=True)
+    else:  # the training text itself (and the prompts --draft-data continues)
+        data = token_windows(tok, training_text(), args.seq_len)
     if args.draft_data:
         t0 = time.perf_counter()
         data = draft_samples(base, data, args.draft_data, args.prompt_len,
